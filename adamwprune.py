@@ -120,7 +120,8 @@ def _float_from_bits(bits):
 
 
 def kth_smallest(score_fns, k):
-    """The smallest float32 value t with at least k scores <= t, over all tensors.
+    """A float32 value t with exactly k scores <= t over all tensors or, where ties make that
+    impossible, the smallest t with more.
 
     Bisection over the bit patterns of non-negative float32 values (their integer order is
     their numeric order): at most 31 passes, each computing one tensor's scores at a time.

@@ -11,7 +11,10 @@ What is measured, and how:
   run's `max_memory_allocated` (reset at the start of the run).
 """
 import argparse
+import contextlib
+import resource
 import statistics
+import sys
 import time
 import weakref
 
@@ -36,6 +39,17 @@ def tensor_bytes(tensors, seen=None):
         seen.add(key)
         total_bytes += storage.nbytes()
     return total_bytes
+
+
+def training_tensors(model, optimizer, pruning_buffers=()):
+    """Every tensor of the persistent training state (a storage may appear more than once)."""
+    for p in model.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+    yield from state_tensors(optimizer)
+    yield from pruning_buffers
+    yield from model.buffers()
 
 
 def state_tensors(optimizer, params=None):
@@ -86,19 +100,22 @@ class TensorMemoryTracker(TorchDispatchMode):
     Every operator's outputs pass through `__torch_dispatch__`; each new storage is counted
     when it appears and uncounted when it is freed (a weak reference on the storage, whose
     Python object lives exactly as long as the storage does). Tensors that existed before the
-    block are not counted: this measures what the region itself allocates (activations,
-    gradients, temporaries). Works on the CPU, where torch keeps no allocator statistics.
+    block are not counted unless passed as `existing` (e.g. the persistent training state): then
+    the peak is the whole tensor memory of the region. Works on the CPU, where torch keeps no
+    allocator statistics.
 
         with TensorMemoryTracker() as tracker:
             loss = model(x).sum(); loss.backward()
         tracker.peak_bytes
     """
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
         self._storage_refs = {}  # id(storage) -> weak reference, while the storage is alive
+        for t in existing:  # counted from the start, and uncounted if the region frees them
+            self._count(t.untyped_storage())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -124,123 +141,222 @@ class TensorMemoryTracker(TorchDispatchMode):
 
 
 class MemoryMonitor:
-    """Samples training memory every few steps; `report()` gives the peak, mean and timeline.
+    """The memory of a training run: a timeline sampled every `every` steps, and its peak.
 
-    On CUDA the figures are the allocator's (allocated and reserved bytes, and the run's
-    `max_memory_allocated` as the peak). On the CPU they are the persistent training state
-    counted by `training_state_bytes` (activations are not included there).
+        monitor = MemoryMonitor(device, every=50)
+        for step in range(1, steps + 1):
+            with monitor.step(step, model, optimizer, pruning_buffers):
+                ...  # forward, backward, optimizer step, pruning step
+        monitor.report()  # {"peak_bytes", "mean_bytes", "timeline", ...}
+
+    A sampled step adds to the timeline: allocated_bytes and reserved_bytes after the step, and
+    step_peak_bytes, the most tensor memory alive at once during it (activations, gradients and
+    temporaries included).
+    - CUDA: the caching allocator's memory_allocated, memory_reserved and max_memory_allocated
+      (reset before each sampled step; the peak of the steps between samples is kept too).
+    - CPU: a TensorMemoryTracker over the sampled step, starting from the persistent training
+      state (parameters, gradients, optimizer state, pruning buffers, model buffers), which is
+      counted exactly; reserved equals allocated (no caching allocator to report).
+    The process's peak resident set size is reported alongside, as context only: it includes the
+    Python interpreter, libraries and data set.
     """
 
-    def __init__(self, device):
+    def __init__(self, device, every=1):
         self.device = torch.device(device)
+        self.every = every
         self.timeline = []
+        self.cuda_peak_bytes = 0  # CUDA: the highest max_memory_allocated seen before a reset
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def sample(self, step, model, optimizer, pruning_buffers=()):
+    @contextlib.contextmanager
+    def step(self, step, model, optimizer, pruning_buffers=(), sample=None):
+        """Measure this training step when it is due (`step % every == 0`, or `sample=True`)."""
+        if not (step % self.every == 0 if sample is None else sample):
+            yield
+            return
         if self.device.type == "cuda":
+            self.cuda_peak_bytes = max(self.cuda_peak_bytes, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            step_peak_bytes = torch.cuda.max_memory_allocated(self.device)
             allocated_bytes = torch.cuda.memory_allocated(self.device)
             reserved_bytes = torch.cuda.memory_reserved(self.device)
         else:
-            allocated_bytes = training_state_bytes(model, optimizer, pruning_buffers)["total"]
-            reserved_bytes = allocated_bytes
-        self.timeline.append(
-            {"step": step, "allocated_bytes": allocated_bytes, "reserved_bytes": reserved_bytes}
-        )
+            with TensorMemoryTracker(existing=training_tensors(model, optimizer, pruning_buffers)) as tracker:
+                yield
+            step_peak_bytes = tracker.peak_bytes
+            allocated_bytes = reserved_bytes = training_state_bytes(model, optimizer, pruning_buffers)["total"]
+        self.timeline.append({"step": step, "allocated_bytes": allocated_bytes,
+                              "reserved_bytes": reserved_bytes, "step_peak_bytes": step_peak_bytes})
 
     def report(self):
         allocated = [s["allocated_bytes"] for s in self.timeline] or [0]
+        peak_bytes = max([s["step_peak_bytes"] for s in self.timeline] + [0])
         if self.device.type == "cuda":
-            peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            source = "cuda allocator (max_memory_allocated)"
+            source = "CUDA caching allocator: memory_allocated, max_memory_allocated"
+            peak_bytes = max(peak_bytes, self.cuda_peak_bytes, torch.cuda.max_memory_allocated(self.device))
         else:
-            peak_bytes = max(allocated)
-            source = "persistent training state (parameters, gradients, optimizer, pruning buffers)"
+            source = "tensor storages: persistent state counted exactly, sampled steps tracked by dispatch"
         return {
             "device": str(self.device),
             "source": source,
             "peak_bytes": peak_bytes,
             "mean_bytes": statistics.fmean(allocated),
             "timeline": self.timeline,
+            "process_peak_rss_bytes": process_peak_rss_bytes(),
         }
 
 
-# --- the benchmark: optimizer step time and state bytes ---
+def process_peak_rss_bytes():
+    """The process's peak resident set size (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _with_random_grads(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g).to(p.device)
-    return model
+# --- the benchmark: state bytes, peak step memory and update time of every pairing ---
+
+PAIRINGS = [  # (optimizer, pruning): the rows of the comparison
+    ("adamw", "none"), ("sgd", "movement"), ("adam", "movement"), ("adamw", "movement"),
+    ("adamwadv", "movement"), ("adamwspam", "movement"), ("adamw", "magnitude"), ("adamwprune", "state"),
+]
+BATCH_SIZE = {"lenet5": 128, "resnet18": 32}  # small enough for a CPU, the same for every row
 
 
-def _median_step_seconds(optimizers, repeats, warmup=3):
-    """Median seconds per step() of each optimizer, stepping them in a random order every round
-    so that drift in machine load falls on all of them alike."""
+class Rig:
+    """One model with one optimizer/pruning pairing, brought to a phase of pruning, stepping on
+    one fixed random batch."""
+
+    def __init__(self, model_name, optimizer, pruning, sparsity, device):
+        import train
+        config = train.parse_args(["--model", model_name, "--optimizer", optimizer, "--pruning", pruning,
+                                   "--sparsity", str(sparsity), "--device", str(device)])
+        # prune at the first step straight to `sparsity`: the steady state after prune_end
+        config.update(prune_start=1, prune_end=1, prune_every=1)
+        torch.manual_seed(0)
+        self.model = train.make_model(config, device)
+        self.optimizer, _, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
+        channels, side = train.DATASETS[config["dataset"]][1:3]
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(BATCH_SIZE[model_name], channels, side, side, generator=g).to(device)
+        self.y = torch.randint(0, 10, (BATCH_SIZE[model_name],), generator=g).to(device)
+        self.prunable = [p for p in self.model.parameters() if p.dim() >= 2]
+
+    def backward(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+
+    def update(self):
+        """What a training step does after backward: the optimizer's and the pruning's work."""
+        if self.pruning:
+            self.pruning.observe()
+        self.optimizer.step()
+        if self.pruning:
+            self.pruning.step()
+
+    def train_step(self):
+        self.backward()
+        self.update()
+
+    def buffers(self):
+        return self.pruning.buffers() if self.pruning else []
+
+    def bytes_per_prunable(self):
+        """(optimizer state, pruning buffers) in bytes per prunable weight."""
+        numel = sum(p.numel() for p in self.prunable)
+        return optimizer_state_bytes(self.optimizer, self.prunable) / numel, tensor_bytes(self.buffers()) / numel
+
+    def peak_step_bytes(self):
+        """The most tensor memory alive at once during one training step (all of it, state included)."""
+        device = self.x.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.train_step()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device)
+        with TensorMemoryTracker(existing=training_tensors(self.model, self.optimizer, self.buffers())) as tracker:
+            self.train_step()
+        return tracker.peak_bytes
+
+
+def median_seconds(actions, repeats, warmup=2):
+    """Median seconds of each action, run in a new random order every round so that changes in
+    machine load fall on all of them alike."""
     import random
     rng = random.Random(0)
-    seconds = {name: [] for name in optimizers}
+    seconds = {name: [] for name in actions}
     for round_index in range(warmup + repeats):
-        for name in rng.sample(list(optimizers), len(optimizers)):
-            opt = optimizers[name]
-            device = opt.param_groups[0]["params"][0].device
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        for name in rng.sample(list(actions), len(actions)):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             start = time.perf_counter()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            actions[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             if round_index >= warmup:
                 seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in seconds.items()}
 
 
-def optimizer_step_benchmark(model_name, device, repeats):
-    """Rows of (name, seconds per step, ratio to AdamW, state bytes per prunable element)."""
-    from adamwprune import AdamWPrune
-    from models import build_model
-    in_channels, image_size = (1, 28) if model_name == "lenet5" else (3, 32)
-
-    def fresh():
-        torch.manual_seed(0)
-        return _with_random_grads(build_model(model_name, in_channels, 10, image_size).to(device))
-
-    models = {name: fresh() for name in ("adamw", "adamwprune, before pruning", "adamwprune, 70% sparse")}
-    optimizers = {
-        "adamw": torch.optim.AdamW(models["adamw"].parameters(), foreach=True),
-        "adamwprune, before pruning": AdamWPrune(models["adamwprune, before pruning"].parameters(),
-                                                 sparsity=0.7, prune_start=10**9, prune_end=10**9),
-        "adamwprune, 70% sparse": AdamWPrune(models["adamwprune, 70% sparse"].parameters(),
-                                             sparsity=0.7, prune_start=1, prune_end=1),
-    }
-    seconds = _median_step_seconds(optimizers, repeats)
-    rows = []
-    for name, opt in optimizers.items():
-        prunable = [p for p in models[name].parameters() if p.dim() >= 2]
-        per_element = optimizer_state_bytes(opt, prunable) / sum(p.numel() for p in prunable)
-        rows.append((name, seconds[name], seconds[name] / seconds["adamw"], per_element))
+def benchmark(model_name, device, repeats, sparsity=0.7):
+    """Rows for a model: each pairing before pruning and at `sparsity`, against torch's AdamW
+    (foreach=True) stepping the same gradients, all timed in one interleaved run."""
+    rows, updates = [], {}
+    reference = Rig(model_name, "adamw", "none", 0.0, device)
+    reference.optimizer = torch.optim.AdamW(reference.model.parameters(), foreach=True)
+    reference.backward()
+    updates["reference"] = reference.optimizer.step
+    for optimizer, pruning in PAIRINGS:
+        for phase, target in (("before", 0.0), ("pruned", sparsity)):
+            if pruning == "none" and phase == "pruned":
+                continue
+            rig = Rig(model_name, optimizer, pruning, target, device)
+            for _ in range(2):  # create the state, prune (at step 1), settle
+                rig.train_step()
+            state_bytes, pruning_bytes = rig.bytes_per_prunable()
+            peak_bytes = rig.peak_step_bytes()
+            rig.backward()  # gradients for the timed updates
+            key = (optimizer, pruning, phase)
+            updates[key] = rig.update
+            sparsity_reached = sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable)
+            rows.append({"model": model_name, "optimizer": optimizer, "pruning": pruning, "phase": phase,
+                         "sparsity": sparsity_reached, "state_bytes_per_prunable": state_bytes,
+                         "pruning_bytes_per_prunable": pruning_bytes, "peak_step_bytes": peak_bytes, "key": key})
+    seconds = median_seconds(updates, repeats)
+    for row in rows:
+        key = row.pop("key")
+        row["update_seconds"] = seconds[key]
+        row["vs_adamw_foreach"] = seconds[key] / seconds["reference"]
     return rows
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Optimizer step time and state memory: AdamWPrune vs AdamW")
+    parser = argparse.ArgumentParser(
+        description="Memory and update time of every optimizer/pruning pairing, against torch's AdamW")
     parser.add_argument("--model", choices=["lenet5", "resnet18", "all"], default="all",
-                        help="which model's parameters to step (default: all)")
+                        help="which model (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", metavar="DEV",
                         help="device (default: cuda if available, else cpu)")
-    parser.add_argument("--repeats", type=int, default=30, metavar="N",
-                        help="timed steps per optimizer; medians are reported (default: 30)")
+    parser.add_argument("--repeats", type=int, default=20, metavar="N",
+                        help="timed updates per row; medians are reported (default: 20)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}; median of {args.repeats} steps, optimizers stepped in random order")
-    print(f"{'model':<9} {'optimizer':<28} {'step ms':>9} {'vs AdamW':>9} {'state B/prunable':>17}")
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {machine}. Bytes per prunable weight; peak: one training step "
+          f"(batch {BATCH_SIZE['lenet5']} for lenet5, {BATCH_SIZE['resnet18']} for resnet18); update: "
+          f"optimizer + pruning work after backward, median of {args.repeats}, vs torch AdamW(foreach=True)")
+    header = (f"{'model':<9} {'optimizer + pruning':<22} {'phase':<7} {'sparsity':>8} {'state B':>8} "
+              f"{'pruning B':>9} {'peak MiB':>9} {'update ms':>10} {'vs AdamW':>9}")
+    print(header)
+    print("-" * len(header))
     for model_name in (["lenet5", "resnet18"] if args.model == "all" else [args.model]):
-        for opt_name, seconds, ratio, per_element in optimizer_step_benchmark(model_name, device, args.repeats):
-            print(f"{model_name:<9} {opt_name:<28} {seconds * 1e3:>9.3f} {ratio:>8.2f}x {per_element:>17.2f}")
+        for r in benchmark(model_name, device, args.repeats):
+            print(f"{r['model']:<9} {r['optimizer'] + ' + ' + r['pruning']:<22} {r['phase']:<7} "
+                  f"{r['sparsity']:>8.1%} {r['state_bytes_per_prunable']:>8.2f} {r['pruning_bytes_per_prunable']:>9.2f} "
+                  f"{r['peak_step_bytes'] / 2**20:>9.2f} {r['update_seconds'] * 1e3:>10.3f} {r['vs_adamw_foreach']:>8.2f}x")
 
 
 if __name__ == "__main__":

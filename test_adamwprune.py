@@ -1,23 +1,32 @@
 """Tests: each one a behaviour, checked against an independent reference where there is one.
 
     $ python -m pytest -q
+
+Sections: adamwprune.py (the optimizer), memory.py, models.py and train.py, plot.py.
 """
 import ast
 import copy
+import gzip
 import io
+import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
-import warnings
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import memory
-from adamwprune import AdamWPrune, importance_score, kth_smallest
+import plot
+import train
+from adamwprune import AdamWPrune, importance_score, kth_smallest, scheduled_sparsity
+from models import LeNet5, ResNet18
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -495,3 +504,725 @@ def test_copied_alone_into_an_empty_folder_it_trains_a_model(tmp_path):
     accuracy, sparsity = map(float, out.stdout.split())
     assert accuracy > 0.9
     assert sparsity == pytest.approx(0.7, abs=0.002)
+
+
+# --- memory.py: accounting against hand computation ---
+
+LENET5_PARAMS = 61_706
+LENET5_PRUNABLE = 61_706 - (6 + 16 + 120 + 84 + 10)  # all but the biases
+
+
+def lenet5_after_one_step(optimizer_name, pruning="none"):
+    rig = memory.Rig("lenet5", optimizer_name, pruning, 0.7 if pruning != "none" else 0.0, "cpu")
+    rig.train_step()
+    return rig
+
+
+def test_adamw_state_on_lenet5_is_exactly_8_bytes_per_parameter():
+    rig = lenet5_after_one_step("adamw")
+    # m and v in fp32, plus torch's `step`: a 0-d float32 tensor for each of the 10 parameters
+    assert memory.optimizer_state_bytes(rig.optimizer) == 8 * LENET5_PARAMS + 4 * 10
+
+
+def test_sgd_momentum_state_on_lenet5_is_exactly_4_bytes_per_parameter():
+    rig = lenet5_after_one_step("sgd")
+    assert memory.optimizer_state_bytes(rig.optimizer) == 4 * LENET5_PARAMS
+
+
+def test_movement_pruning_keeps_a_float32_score_and_a_bool_mask_per_prunable_weight():
+    rig = lenet5_after_one_step("adamw", "movement")
+    assert memory.tensor_bytes(rig.buffers()) == (4 + 1) * LENET5_PRUNABLE
+
+
+def test_magnitude_pruning_keeps_a_bool_mask_per_prunable_weight():
+    rig = lenet5_after_one_step("adamw", "magnitude")
+    assert memory.tensor_bytes(rig.buffers()) == 1 * LENET5_PRUNABLE
+
+
+def test_training_state_is_counted_by_category():
+    rig = lenet5_after_one_step("adamw")
+    counted = memory.training_state_bytes(rig.model, rig.optimizer, rig.buffers())
+    assert counted["parameters"] == 4 * LENET5_PARAMS
+    assert counted["gradients"] == 4 * LENET5_PARAMS
+    assert counted["optimizer_state"] == 8 * LENET5_PARAMS + 4 * 10
+    assert counted["pruning_buffers"] == 0 and counted["model_buffers"] == 0
+    assert counted["total"] == 16 * LENET5_PARAMS + 40
+
+
+def test_a_storage_shared_by_views_is_counted_once():
+    t = torch.zeros(1000)
+    assert memory.tensor_bytes([t, t.view(10, 100), t[500:], t.clone()]) == 2 * 4000
+
+
+def test_adamwprune_bytes_follow_the_memory_contract_on_lenet5():
+    dense = memory.Rig("lenet5", "adamwprune", "state", 0.0, "cpu")
+    dense.train_step()
+    assert dense.bytes_per_prunable() == (8.0, 0.0)
+    pruned = memory.Rig("lenet5", "adamwprune", "state", 0.7, "cpu")
+    for _ in range(2):
+        pruned.train_step()
+    state_bytes, pruning_bytes = pruned.bytes_per_prunable()
+    assert state_bytes <= 3.6 + 12 / LENET5_PRUNABLE and pruning_bytes == 0.0
+
+
+# --- memory.py: the CPU peak tracker and the monitor ---
+
+
+def test_tracker_sees_a_known_allocation_made_and_freed_inside():
+    with memory.TensorMemoryTracker() as tracker:
+        block = torch.ones(250_000)  # 1,000,000 bytes
+        del block
+        small = torch.ones(1000)  # 4,000 bytes, still alive at the end
+    assert tracker.peak_bytes == 1_000_000
+    assert tracker.live_bytes == 4000
+    del small
+
+
+def test_tracker_counts_existing_tensors_and_sees_them_freed():
+    existing = [torch.ones(1000), torch.ones(2000)]
+    with memory.TensorMemoryTracker(existing=existing) as tracker:
+        assert tracker.live_bytes == 12_000
+        existing.pop()  # frees 8,000 bytes
+        block = torch.ones(500)
+    assert tracker.peak_bytes == 12_000
+    assert tracker.live_bytes == 4000 + 2000
+    del block
+
+
+def test_monitor_samples_every_n_steps_and_peak_includes_activations():
+    model = nn.Sequential(nn.Linear(100, 4000), nn.ReLU(), nn.Linear(4000, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = memory.MemoryMonitor("cpu", every=3)
+    x = torch.randn(64, 100)
+    for step in range(1, 10):
+        with monitor.step(step, model, opt):
+            opt.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+            opt.step()
+    report = monitor.report()
+    assert [s["step"] for s in report["timeline"]] == [3, 6, 9]
+    persistent = 2 * 4 * sum(p.numel() for p in model.parameters())  # parameters and gradients
+    assert report["timeline"][-1]["allocated_bytes"] == persistent
+    activations = 2 * 64 * 4000 * 4  # the hidden layer before and after ReLU, alive at once in forward
+    assert report["peak_bytes"] >= persistent // 2 + activations  # the parameters, no gradients yet
+    assert report["process_peak_rss_bytes"] > report["peak_bytes"]
+
+
+# === models.py and train.py ===
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+TINY_TRAIN, TINY_TEST = 512, 256  # images in the synthetic MNIST-format data set
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_idx(path, tensor):
+    """A uint8 tensor as a gzipped IDX file, written independently of train.read_idx."""
+    header = bytes([0, 0, 8, tensor.dim()]) + b"".join(d.to_bytes(4, "big") for d in tensor.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + tensor.numpy().tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A learnable MNIST look-alike in torchvision's layout: a bright 6x6 square whose place is the class."""
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", TINY_TRAIN), ("t10k", TINY_TEST)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for i, label in enumerate(labels.tolist()):
+            row, col = 2 + 12 * (label // 5), 2 + 5 * (label % 5)
+            images[i, row:row + 6, col:col + 6] += 180
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images.to(torch.uint8))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels.to(torch.uint8))
+    return str(root)
+
+
+def tiny_args(tiny_data, out, *flags):
+    return ["--dataset", "mnist", "--data-dir", tiny_data, "--limit", str(TINY_TRAIN), "--epochs", "3",
+            "--batch-size", "64", "--device", "cpu", "--out", str(out), *flags]
+
+
+def tiny_run(tiny_data, out, *flags):
+    train.main(tiny_args(tiny_data, out, *flags))
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def numbers(results):
+    """The results without timings, paths, versions and process RSS: what must repeat exactly."""
+    config = {k: v for k, v in results["config"].items() if k not in ("out", "resume")}
+    history = [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in results["history"]]
+    final = {k: v for k, v in results["final"].items() if k != "wall_seconds"}
+    memory = {k: v for k, v in results["memory"].items() if k != "process_peak_rss_bytes"}  # the whole process's
+    return config, history, final, results["sparsity_timeline"], memory
+
+
+def cli_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# --- models ---
+
+def test_lenet5_has_61706_parameters():
+    assert count_parameters(LeNet5(1, 10, image_size=28)) == 61_706
+
+
+def test_lenet5_flatten_size_follows_the_image_size():
+    model = LeNet5(3, 10, image_size=32)
+    assert count_parameters(model) == 83_126
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_has_11173962_parameters():
+    model = ResNet18(3, 10)
+    assert count_parameters(model) == 11_173_962
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --- data ---
+
+def test_read_idx_reads_the_shape_and_values_written(tmp_path):
+    images = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8)
+    write_idx(tmp_path / "x.gz", images)
+    assert torch.equal(train.read_idx(str(tmp_path / "x.gz")), images)
+
+
+def test_random_crop_flip_matches_a_per_image_reference():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
+    shifts = torch.randint(0, 9, (16, 2), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    out = train.random_crop_flip(images, shifts, flips)
+    for image, (dy, dx), flip, got in zip(images, shifts.tolist(), flips, out):
+        padded = torch.zeros(3, 16, 16, dtype=torch.uint8)
+        padded[:, 4:12, 4:12] = image
+        expected = padded[:, dy:dy + 8, dx:dx + 8]
+        assert torch.equal(got, expected.flip(2) if flip else expected)
+
+
+def test_batches_are_normalised_uint8_data_and_cover_every_image_once(tiny_data):
+    config = train.parse_args(tiny_args(tiny_data, "unused"))
+    data, _ = train.load_data(config, torch.device("cpu"))
+    assert data.images.dtype == torch.uint8 and data.images.shape == (TINY_TRAIN, 1, 28, 28)
+    batches = list(data.batches(100, torch.Generator().manual_seed(0)))
+    assert [len(y) for _, y in batches] == [100] * 5 + [12]
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(data.labels.tolist())
+    x = batches[0][0]
+    assert x.dtype == torch.float32 and -1 < x.min() < 0 < x.max()
+
+
+def test_fashion_mnist_is_found_in_the_debian_package_dir(tmp_path):
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip(f"{FASHION_MNIST_DIR} is missing (apt-get install dataset-fashion-mnist)")
+    images_train, labels_train, images_test, labels_test = train.load_dataset("fashion-mnist", str(tmp_path))
+    assert images_train.shape == (60000, 1, 28, 28) and images_test.shape == (10000, 1, 28, 28)
+    assert sorted(labels_train.unique().tolist()) == list(range(10)) and len(labels_test) == 10000
+
+
+def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeypatch, capsys):
+    def offline(name, data_dir):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(train, "torchvision_download", offline)
+    monkeypatch.setitem(train.SYSTEM_DATA_DIRS, "fashion-mnist", str(tmp_path / "not-installed"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--device", "cpu"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: could not load fashion-mnist") and "\n" not in message
+    for hint in (str(tmp_path), "not-installed", "Name or service not known", "--data-dir",
+                 "apt-get install dataset-fashion-mnist", "network"):
+        assert hint in message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# --- command line ---
+
+@pytest.mark.parametrize("flags, complaint", [
+    (["--optimizer", "sgd", "--pruning", "state"], "--pruning state"),
+    (["--optimizer", "adamwprune", "--pruning", "movement"], "prunes by itself"),
+    (["--optimizer", "adamw", "--importance", "hybrid"], "--importance"),
+    (["--optimizer", "adamw", "--sparsity", "0.5"], "--sparsity needs a pruning method"),
+    (["--sparsity", "1.0"], "[0, 1)"),
+    (["--optimizer", "adamw", "--prune-every", "10"], "--prune-every"),
+    (["--prune-end", "10000000"], "--prune-end"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--device", "gpu0"], "is not a device"),
+    (["--device", "cpu", "--amp", "bf16"], "--amp bf16 runs on CUDA only"),
+    (["--resume", "--out", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_flags_stop_at_the_command_line_with_the_fix(capsys, flags, complaint):
+    assert complaint in cli_error(capsys, flags)
+
+
+def test_defaults_follow_the_model_and_optimizer():
+    config = train.parse_args([])
+    assert (config["dataset"], config["optimizer"], config["pruning"], config["sparsity"]) == (
+        "mnist", "adamwprune", "state", 0.7)
+    assert config["out"] == os.path.join("results", "lenet5-adamwprune-state-0.7")
+    steps = 10 * math.ceil(60000 / 128)
+    assert 0 < config["prune_start"] < config["prune_end"] < steps
+    config = train.parse_args(["--model", "resnet18", "--optimizer", "sgd"])
+    assert (config["dataset"], config["pruning"], config["sparsity"], config["lr"]) == ("cifar10", "none", 0.0, 0.03)
+
+
+# --- runs ---
+
+def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_path, monkeypatch):
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(train.os, "replace",
+                        lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst)))
+    results = tiny_run(tiny_data, tmp_path, "--optimizer", "adamw", "--pruning", "magnitude")
+    documented = {"config", "history", "sparsity_timeline", "memory", "wall_seconds", "environment", "final"}
+    assert documented <= set(results)
+    assert set(results["final"]) == {"test_accuracy", "sparsity", "peak_memory_bytes", "wall_seconds"}
+    assert {"python", "torch", "device"} <= set(results["environment"])
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+    assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "sparsity"} <= set(results["history"][0])
+    assert results["memory"]["peak_bytes"] == results["final"]["peak_memory_bytes"] > 0
+    assert results["final"]["sparsity"] == pytest.approx(0.7, abs=1e-4)
+    assert results["final"]["test_accuracy"] > 50  # the synthetic classes are easy
+    # atomic: each file was renamed into place from a temporary file in the same directory
+    targets = {os.path.basename(dst): src for src, dst in replaced}
+    assert {"results.json", "checkpoint.pt"} <= set(targets)
+    assert all(os.path.dirname(src) == str(tmp_path) for src in targets.values())
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "results.json"]
+
+
+def test_same_seed_gives_identical_numbers_and_another_seed_does_not(tiny_data, tmp_path):
+    first = tiny_run(tiny_data, tmp_path / "a", "--seed", "3")
+    second = tiny_run(tiny_data, tmp_path / "b", "--seed", "3")
+    other = tiny_run(tiny_data, tmp_path / "c", "--seed", "4")
+    assert numbers(first) == numbers(second)
+    assert numbers(first)[1] != numbers(other)[1]
+
+
+@pytest.mark.parametrize("optimizer, pruning",
+                         [("adamwprune", "state"), ("adamw", "movement"), ("adamwadv", "none")])
+def test_resume_after_a_stop_ends_like_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch,
+                                                            optimizer, pruning):
+    flags = ("--optimizer", optimizer, "--pruning", pruning)
+    uninterrupted = tiny_run(tiny_data, tmp_path / "whole", *flags)
+
+    class Stop(Exception):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_stop(state, path):  # the process dies right after the first checkpoint
+        real_save(state, path)
+        raise Stop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        train.main(tiny_args(tiny_data, tmp_path / "stopped", *flags))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed = tiny_run(tiny_data, tmp_path / "stopped", *flags, "--resume")
+    assert numbers(resumed) == numbers(uninterrupted)
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_flags(tiny_data, tmp_path):
+    tiny_run(tiny_data, tmp_path, "--optimizer", "adamw")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_data, tmp_path, "--optimizer", "adamw", "--lr", "0.01", "--resume"))
+    assert "lr: 0.001 there, 0.01 now" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adamwadv", "adamwspam", "adamwprune"])
+def test_every_optimizer_learns_the_tiny_task(tiny_data, tmp_path, optimizer):
+    results = tiny_run(tiny_data, tmp_path, "--optimizer", optimizer, "--pruning", "none")
+    assert results["final"]["test_accuracy"] > 50 and results["final"]["sparsity"] == 0
+
+
+def test_flags_reach_the_run(tiny_data, tmp_path):
+    results = tiny_run(tiny_data, tmp_path, "--importance", "magnitude", "--sparsity", "0.5", "--lr", "0.002",
+                       "--prune-start", "4", "--prune-end", "12", "--prune-every", "4", "--batch-size", "128")
+    config = results["config"]
+    assert (config["importance"], config["lr"], config["batch_size"]) == ("magnitude", 0.002, 128)
+    timeline = {s["step"]: s["sparsity"] for s in results["sparsity_timeline"]}
+    assert timeline[7] == 0  # the cubic schedule is at 0 on its first update, step 4
+    assert timeline[8] == pytest.approx(0.5 * (1 - 0.5 ** 3), abs=1e-4)
+    assert timeline[12] == pytest.approx(0.5, abs=1e-4)
+    assert max(timeline) == 3 * TINY_TRAIN // 128  # 4 steps per epoch of 128 images
+
+
+def test_dry_run_is_one_epoch_of_two_batches_written_beside_real_results(tiny_data, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.chdir(tmp_path)
+    train.main(["--dataset", "mnist", "--data-dir", tiny_data, "--device", "cpu", "--dry-run"])
+    with open(os.path.join("results", "lenet5-adamwprune-state-0.7-dry-run", "results.json")) as f:
+        results = json.load(f)
+    assert len(results["history"]) == 1 and results["sparsity_timeline"][-1]["step"] == 2
+    assert capsys.readouterr().out.count("\n") == 2  # an epoch line and the summary
+
+
+def test_resnet18_trains_on_cifar_shaped_data(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+
+    def fake_cifar(name, data_dir):
+        images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (12,), generator=g)
+        return [images[:8], labels[:8], images[8:], labels[8:]]
+
+    monkeypatch.setattr(train, "load_dataset", fake_cifar)
+    train.main(["--model", "resnet18", "--optimizer", "sgd", "--pruning", "movement", "--limit", "8",
+                "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["config"]["dataset"] == "cifar10" and results["final"]["sparsity"] == pytest.approx(0.7, abs=1e-6)
+
+
+def test_progress_updates_one_line_on_a_terminal(tiny_data, capsys):
+    config = train.parse_args(tiny_args(tiny_data, "unused"))
+    state, data, _ = train.setup(config)
+    train.train(state, data, 1, show_progress=True)
+    out = capsys.readouterr().out
+    assert out.startswith("\r") and "\n" not in out and f"[{TINY_TRAIN // 64}/{TINY_TRAIN // 64}]" in out
+    assert "img/s" in out and "ETA" in out and "iB" in out
+
+
+def test_measure_data_path_reports_train_and_bare_step_times(tiny_data):
+    figures = train.measure_data_path(train.parse_args(tiny_args(tiny_data, "unused")), steps=4, repeats=1)
+    assert figures["train_step_seconds"] > 0 and figures["bare_step_seconds"] > 0
+    assert figures["ratio"] == figures["train_step_seconds"] / figures["bare_step_seconds"]
+
+
+# --- pruning methods ---
+
+def tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+
+
+@pytest.mark.parametrize("method", [train.MagnitudePruning, train.MovementPruning])
+def test_pruning_reaches_the_exact_sparsity_with_monotone_masks_and_zero_weights(method):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruning = method(model.parameters(), 0.7, prune_start=2, prune_end=20, prune_every=3)
+    prunable = [model[0].weight, model[2].weight]
+    assert pruning.params == prunable  # biases are not prunable
+    previous = [torch.ones_like(p, dtype=torch.bool) for p in prunable]
+    for t in range(1, 26):
+        F.cross_entropy(model(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
+        pruning.observe()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruning.step()
+        for p, mask, before in zip(prunable, pruning.masks, previous):
+            assert not (mask & ~before).any()  # nothing comes back
+            assert (p[~mask] == 0).all()  # pruned weights are zero after every step
+        pruned = sum(int((~m).sum()) for m in pruning.masks)
+        if t == 2 or t >= 20:
+            assert pruned == round(scheduled_sparsity(t, 0.7, "cubic", 2, 20) * 750)
+        previous = [m.clone() for m in pruning.masks]
+    assert sum(int((p == 0).sum()) for p in prunable) == round(0.7 * 750) == 525
+
+
+@pytest.mark.parametrize("method", [train.MagnitudePruning, train.MovementPruning])
+def test_pruning_follows_adamwprune_step_for_step(method):
+    """Same schedule, same grid of mask updates, same counts as the optimizer's own pruning."""
+    model, reference = tiny_model(), tiny_model()
+    schedule = dict(prune_start=3, prune_end=17, prune_every=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruning = method(model.parameters(), 0.6, **schedule)
+    adamwprune = AdamWPrune(reference.parameters(), lr=1e-2, sparsity=0.6, **schedule)
+    for _ in range(22):
+        for net, opt in ((model, optimizer), (reference, adamwprune)):
+            F.cross_entropy(net(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
+            opt.step()
+            opt.zero_grad()
+        pruning.observe()
+        pruning.step()
+        assert train.prunable_sparsity(model) == train.prunable_sparsity(reference) == adamwprune.sparsity()[0]
+
+
+def test_movement_score_accumulates_minus_gradient_times_weight():
+    model = tiny_model()
+    pruning = train.MovementPruning(model.parameters(), 0.5, prune_start=100, prune_end=200, prune_every=1)
+    expected = torch.zeros_like(model[0].weight)
+    for _ in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
+        expected -= model[0].weight.grad * model[0].weight
+        pruning.observe()
+        with torch.no_grad():
+            model[0].weight.add_(0.1)
+    assert torch.allclose(pruning.score[0], expected)
+    assert pruning.buffers() == pruning.masks + pruning.score
+
+
+def test_pruning_state_dict_round_trips():
+    model = tiny_model()
+    pruning = train.MovementPruning(model.parameters(), 0.5, prune_start=1, prune_end=1, prune_every=1)
+    F.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
+    pruning.observe()
+    pruning.step()
+    copy = train.MovementPruning(tiny_model().parameters(), 0.5, prune_start=1, prune_end=1, prune_every=1)
+    copy.load_state_dict(pruning.state_dict())
+    assert copy.optimizer_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(copy.buffers(), pruning.buffers()))
+
+
+# --- SPAM ---
+
+def test_spam_without_spikes_or_resets_equals_adamw():
+    model, reference = tiny_model(), tiny_model()
+    spam = train.AdamWSPAM(model.parameters(), lr=1e-2, threshold=math.inf, reset_interval=10_000)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for _ in range(30):
+        x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+        for net, opt in ((model, spam), (reference, adamw)):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_spam_clips_a_spike_to_sqrt_threshold_times_v():
+    w = torch.nn.Parameter(torch.zeros(3))
+    spam = train.AdamWSPAM([w], lr=1e-3, weight_decay=0.0, threshold=5000)
+    for _ in range(30):
+        w.grad = torch.ones(3)
+        spam.step()
+    state = spam.state[w]
+    exp_avg, exp_avg_sq = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    w.grad = torch.tensor([1e4, -1e4, 1.0])  # two spikes and a normal entry
+    spam.step()
+    bound = (5000 * exp_avg_sq).sqrt()
+    clipped = torch.stack([bound[0], -bound[1], torch.tensor(1.0)])
+    assert torch.allclose(state["exp_avg"], 0.9 * exp_avg + 0.1 * clipped)
+
+
+def test_spam_resets_both_moments_every_reset_interval():
+    w = torch.nn.Parameter(torch.zeros(2))
+    spam = train.AdamWSPAM([w], lr=1e-3, reset_interval=5)
+    for t in range(1, 6):
+        w.grad = torch.full((2,), float(t))
+        spam.step()
+    state = spam.state[w]  # step 5 reset the moments, then took in its gradient only
+    assert torch.allclose(state["exp_avg"], torch.full((2,), 0.1 * 5))
+    assert torch.allclose(state["exp_avg_sq"], torch.full((2,), 0.001 * 25))
+
+
+# --- the real data set ---
+
+def test_default_recipe_lenet5_adamwprune_at_70_percent_reaches_89_percent_on_fashion_mnist(tmp_path):
+    """The default recipe (10 epochs, about a minute on 2 CPU cores); seeds 1-3 gave 89.36-89.56%."""
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip(f"{FASHION_MNIST_DIR} is missing (apt-get install dataset-fashion-mnist)")
+    train.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                "--out", str(tmp_path)])
+    with open(tmp_path / "results.json") as f:
+        final = json.load(f)["final"]
+    assert final["sparsity"] == pytest.approx(0.7, abs=1e-5)
+    assert final["test_accuracy"] >= 89.0
+
+
+# === plot.py ===
+
+SVG = "{http://www.w3.org/2000/svg}"
+STUDY = [  # name, optimizer, pruning, final accuracy (%), training-state bytes per weight (CPU)
+    ("SGD + movement", "sgd", "movement", 88.4, 16),
+    ("Adam + movement", "adam", "movement", 88.9, 24),
+    ("AdamW + movement", "adamw", "movement", 89.0, 24),
+    ("AdamWAdv + movement", "adamwadv", "movement", 89.2, 28),
+    ("AdamW-SPAM + movement", "adamwspam", "movement", 88.8, 24),
+    ("AdamWPrune + state", "adamwprune", "state", 89.3, 16),
+    ("AdamW (dense)", "adamw", "none", 89.6, 16),
+    ("AdamW + magnitude", "adamw", "magnitude", 88.7, 16),
+]
+WEIGHTS = 61706  # LeNet-5's parameters
+
+
+def make_results(optimizer, pruning, sparsity, accuracy, bytes_per_weight, epochs, steps, rng):
+    """One row's results.json: curves that rise and fall like a real run's, cubic sparsity, CPU memory."""
+    history = [{"epoch": e, "train_loss": 0.28 + 0.5 * math.exp(-e / 2) + rng.uniform(0, 0.01),
+                "train_accuracy": accuracy + 2 - 12 * math.exp(-e / 2),
+                "test_loss": 0.3 + 0.4 * math.exp(-e / 2), "test_accuracy": accuracy - 9 * math.exp(-e / 2.2)
+                + rng.uniform(-0.2, 0.2) * (e < epochs), "sparsity": 0.0, "epoch_seconds": 12.0}
+               for e in range(1, epochs + 1)]
+    start, end = steps // 10, 6 * steps // 10
+    timeline, memory = [], []
+    for step in range(0, steps + 1, 2):
+        t = min(1.0, max(0.0, (step - start) / (end - start)))
+        s = sparsity * (1 - (1 - t) ** 3) if pruning != "none" else 0.0
+        state = bytes_per_weight - (8 * s if pruning == "state" and s > 0.25 else 0)
+        timeline.append({"step": step, "sparsity": s})
+        memory.append({"step": step, "allocated_bytes": int(WEIGHTS * state + 40000), "reserved_bytes": 0})
+    for h in history:
+        h["sparsity"] = timeline[min(len(timeline) - 1, h["epoch"] * len(timeline) // epochs)]["sparsity"]
+    peak = max(m["allocated_bytes"] for m in memory)
+    return {"config": {"model": "lenet5", "dataset": "fashion-mnist", "optimizer": optimizer, "pruning": pruning,
+                       "sparsity": sparsity, "epochs": epochs},
+            "history": history, "sparsity_timeline": timeline,
+            "memory": {"device": "cpu", "source": "persistent training state", "peak_bytes": peak,
+                       "mean_bytes": sum(m["allocated_bytes"] for m in memory) / len(memory), "timeline": memory},
+            "final": {"test_accuracy": history[-1]["test_accuracy"], "sparsity": sparsity,
+                      "peak_memory_bytes": peak, "wall_seconds": 120.0},
+            "wall_seconds": 120.0, "environment": {"python": "3.11.7", "torch": "2.14.1"}}
+
+
+def make_comparison(directory, study=STUDY, sparsities=(0.7,), epochs=10, steps=400, missing=()):
+    """Write comparison.json and one results.json per row into `directory`; rows named in `missing` get none."""
+    rng, rows = random.Random(1), []
+    for name, optimizer, pruning, accuracy, bytes_per_weight in study:
+        for sparsity in ([0.0] if pruning == "none" else sparsities):
+            run = f"lenet5-{optimizer}-{pruning}-{sparsity}"
+            results = make_results(optimizer, pruning, sparsity, accuracy - 4 * sparsity ** 4, bytes_per_weight,
+                                   epochs, steps, rng)
+            peak_mib = results["memory"]["peak_bytes"] / 2 ** 20
+            rows.append({"name": name, "optimizer": optimizer, "pruning": pruning, "sparsity": sparsity,
+                         "results_dir": run, "test_accuracy": results["final"]["test_accuracy"],
+                         "peak_memory_mib": peak_mib, "mean_memory_mib": results["memory"]["mean_bytes"] / 2 ** 20,
+                         "efficiency": 100 * results["final"]["test_accuracy"] / peak_mib,
+                         "sparsity_reached": sparsity, "wall_seconds": 120.0})
+            if name not in missing:
+                os.makedirs(os.path.join(directory, run), exist_ok=True)
+                with open(os.path.join(directory, run, "results.json"), "w") as f:
+                    json.dump(results, f)
+    comparison = {"model": "lenet5", "dataset": "fashion-mnist", "epochs": epochs, "seed": 1,
+                  "sparsities": list(sparsities), "rows": rows,
+                  "environment": {"python": "3.11.7", "torch": "2.14.1", "device": "cpu (x86_64, 2 threads)"}}
+    with open(os.path.join(directory, "comparison.json"), "w") as f:
+        json.dump(comparison, f)
+    return str(directory)
+
+
+def svg_texts(root):
+    return ["".join(t.itertext()) for t in root.iter(SVG + "text")]
+
+
+def drawn_colours(root, tag):
+    return {e.get("stroke") if tag == "polyline" else e.get("fill") for e in root.iter(SVG + tag)}
+
+
+def test_every_svg_parses_and_its_title_names_model_dataset_and_sparsity(tmp_path):
+    paths = plot.render_svgs(make_comparison(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths) == ["comparison.svg", "memory_timeline.svg",
+                                                          "memory_vs_accuracy.svg"]
+    for path in paths:
+        root = ET.parse(path).getroot()
+        assert root.tag == SVG + "svg" and root.get("viewBox") and root.get("width") and root.get("height")
+        assert any(t.startswith("LeNet-5 on Fashion-MNIST, 70% sparsity") for t in svg_texts(root)), path
+
+
+def test_every_row_is_in_the_legend_and_drawn_in_its_colour(tmp_path):
+    root = ET.parse(plot.render_svgs(make_comparison(tmp_path))[0]).getroot()
+    styles = plot.styles_of([{"name": name} for name, *_ in STUDY])
+    texts = svg_texts(root)
+    for name, *_ in STUDY:
+        assert texts.count(name) >= 3  # legend, accuracy bars, memory bars
+        rows_drawn = [e for e in root.iter() if e.get("data-row") == name]
+        assert {e.tag for e in rows_drawn} == {SVG + "polyline", SVG + "rect"}
+        assert styles[name]["colour"] in {e.get("stroke") for e in rows_drawn} & {e.get("fill") for e in rows_drawn}
+    assert len({s["colour"] for s in styles.values()}) == len({s["dash"] for s in styles.values()}) == len(STUDY)
+
+
+def test_row_names_are_xml_escaped(tmp_path):
+    study = [("A<B & \"C\" 'D'",) + STUDY[0][1:]] + STUDY[1:]
+    for path in plot.render_svgs(make_comparison(tmp_path, study)):
+        assert "A<B & \"C\" 'D'" in svg_texts(ET.parse(path).getroot())
+
+
+def test_accuracy_vs_sparsity_is_drawn_only_for_a_sweep(tmp_path):
+    single, sweep = tmp_path / "single", tmp_path / "sweep"
+    single.mkdir(), sweep.mkdir()
+    assert not any(p.endswith("accuracy_vs_sparsity.svg") for p in plot.render_svgs(make_comparison(single)))
+    paths = plot.render_svgs(make_comparison(sweep, sparsities=(0.5, 0.7, 0.9)))
+    root = ET.parse(sweep / "accuracy_vs_sparsity.svg").getroot()
+    assert "LeNet-5 on Fashion-MNIST, 50% to 90% sparsity: accuracy vs sparsity" in svg_texts(root)
+    lines = {e.get("data-row"): e.get("points").split() for e in root.iter(SVG + "polyline")}
+    assert len(lines["AdamWPrune + state"]) == 3 and len(lines["AdamW (dense)"]) == 2
+    assert len(paths) == 4
+
+
+def test_sweep_figures_show_the_highest_sparsity(tmp_path):
+    plot.render_svgs(make_comparison(tmp_path, sparsities=(0.5, 0.9)))
+    root = ET.parse(tmp_path / "comparison.svg").getroot()
+    assert "LeNet-5 on Fashion-MNIST, 90% sparsity" in svg_texts(root)
+    bars = [e for e in root.iter(SVG + "rect") if e.get("data-row") == "AdamWPrune + state"]
+    assert len(bars) == 3  # final accuracy, peak memory, efficiency: at 90% only
+    assert f"{plot.load_comparison(str(tmp_path))[0]['rows'][-1]['efficiency']:.0f}" in svg_texts(root)
+
+
+def test_a_row_without_results_keeps_its_bars_and_gets_a_note(tmp_path):
+    directory = make_comparison(tmp_path, missing=("Adam + movement",))
+    comparison, results = plot.load_comparison(directory)
+    assert len(results) == len(STUDY) - 1 and "Adam + movement" not in results
+    root = ET.parse(plot.render_svgs(directory)[0]).getroot()
+    assert {e.tag for e in root.iter() if e.get("data-row") == "Adam + movement"} == {SVG + "rect"}
+    assert any("no readable results.json for Adam + movement" in t for t in svg_texts(root))
+    assert "no readable results.json for Adam + movement" in plot.text_report(directory)
+
+
+def test_cli_rerenders_from_saved_results(tmp_path):
+    directory = make_comparison(tmp_path)
+    done = subprocess.run([sys.executable, "plot.py", directory], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(plot.__file__)))
+    assert done.returncode == 0, done.stderr
+    assert sorted(f for f in os.listdir(directory) if not os.path.isdir(os.path.join(directory, f))) == [
+        "comparison.json", "comparison.svg", "memory_timeline.svg", "memory_vs_accuracy.svg"]  # no .tmp left
+    assert "AdamWPrune + state" in done.stdout and "final test accuracy (%)" in done.stdout
+
+
+def test_cli_says_what_is_missing_and_how_to_make_it_and_exits_2(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    make_comparison(broken)
+    comparison = json.loads((broken / "comparison.json").read_text())
+    del comparison["rows"][3]["efficiency"]
+    (broken / "comparison.json").write_text(json.dumps(comparison))
+    for directory, missing in [(tmp_path / "nowhere", "no directory"), (tmp_path, "has no comparison.json"),
+                               (broken, "row 3 has no usable 'efficiency'")]:
+        done = subprocess.run([sys.executable, "plot.py", str(directory)], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(plot.__file__)))
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert missing in done.stderr and f"python train.py --compare --out {directory}" in done.stderr
+
+
+def test_text_report_names_every_row_within_100_columns(tmp_path):
+    missing = ("Adam + movement", "AdamW-SPAM + movement")  # a note naming six rows: longer than 100 columns
+    report = plot.text_report(make_comparison(tmp_path, sparsities=(0.5, 0.7, 0.9), missing=missing))
+    for name, *_ in STUDY:
+        assert name in report
+    assert "AdamWPrune + state @ 50%" in report and "final test accuracy (%) per sparsity" in report
+    assert "AdamW-SPAM + movement @ 90%: curves left out" in " ".join(report.split())
+    assert max(len(line) for line in report.splitlines()) <= 100
+    assert "█" in report and "▁" in report
+
+
+def test_ascii_report_is_pure_ascii_even_for_unicode_names(tmp_path):
+    study = [("AdamW – ünïcode",) + STUDY[0][1:]] + STUDY[1:]
+    report = plot.text_report(make_comparison(tmp_path, study), ascii=True)
+    assert report.isascii() and "#" in report and "AdamW ? " in report
+
+
+def test_cli_falls_back_to_ascii_where_stdout_cannot_encode_unicode(tmp_path):
+    done = subprocess.run([sys.executable, "plot.py", make_comparison(tmp_path), "--plot", "text"],
+                          capture_output=True, cwd=os.path.dirname(os.path.abspath(plot.__file__)),
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0 and done.stdout.isascii() and b"#" in done.stdout
+    assert not os.path.exists(os.path.join(tmp_path, "comparison.svg"))
+
+
+def test_nice_ticks_are_round_and_cover_the_range():
+    for low, high in [(0, 1), (78.3, 89.6), (0, 4690), (0.93, 1.27), (-3, 7), (5, 5), (0, 0), (1e-4, 3e-4)]:
+        ticks = plot.nice_ticks(low, high)
+        step = ticks[1] - ticks[0]
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert ticks[0] <= low and ticks[-1] >= high and 3 <= len(ticks) <= 12
+        assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5)), (low, high, ticks)
+        assert all(abs((b - a) - step) < 1e-9 * max(1, step) for a, b in zip(ticks, ticks[1:]))
