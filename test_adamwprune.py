@@ -760,6 +760,13 @@ def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeyp
     (["--device", "gpu0"], "is not a device"),
     (["--device", "cpu", "--amp", "bf16"], "--amp bf16 runs on CUDA only"),
     (["--resume", "--out", "/nonexistent/run"], "no checkpoint"),
+    (["--compare", "--lr", "0.1"], "drop --lr"),
+    (["--compare", "--optimizer", "sgd"], "drop --optimizer"),
+    (["--compare", "--sparsity", "0"], "(0, 1) for a comparison"),
+    (["--sparsity", "0.5,0.9"], "add --compare"),
+    (["--sparsity", "half"], "--sparsity takes a number"),
+    (["--ablation"], "add --compare"),
+    (["--plot", "text"], "add --compare"),
 ])
 def test_bad_flags_stop_at_the_command_line_with_the_fix(capsys, flags, complaint):
     assert complaint in cli_error(capsys, flags)
@@ -1226,3 +1233,63 @@ def test_nice_ticks_are_round_and_cover_the_range():
         assert ticks[0] <= low and ticks[-1] >= high and 3 <= len(ticks) <= 12
         assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5)), (low, high, ticks)
         assert all(abs((b - a) - step) < 1e-9 * max(1, step) for a, b in zip(ticks, ticks[1:]))
+
+
+# --- the comparison ---
+
+
+def compare_args(tiny_data, out, *flags):
+    return ["--compare", "--dataset", "mnist", "--data-dir", tiny_data, "--limit", str(TINY_TRAIN), "--epochs", "1",
+            "--batch-size", "64", "--device", "cpu", "--out", str(out), *flags]
+
+
+def test_compare_runs_every_row_and_resumes_where_it_stopped(tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "comparison"
+    real_run, started = train.run, []
+
+    def run_then_stop_in_the_fourth_row(config):
+        started.append(config["out"])
+        if len(started) == 4:
+            raise KeyboardInterrupt  # a stop part-way through the comparison
+        return real_run(config)
+    monkeypatch.setattr(train, "run", run_then_stop_in_the_fourth_row)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(compare_args(tiny_data, out))
+    with open(out / "comparison.json") as f:
+        assert len(json.load(f)["rows"]) == 3  # what finished is saved
+    started.clear()
+    monkeypatch.setattr(train, "run", lambda config: started.append(config["out"]) or real_run(config))
+    train.main(compare_args(tiny_data, out, "--plot", "text"))
+    assert len(started) == 5  # the three finished rows were not run again
+    with open(out / "comparison.json") as f:
+        comparison = json.load(f)
+    assert [r["name"] for r in comparison["rows"]] == [name for name, *_ in train.STUDY]
+    for row in comparison["rows"]:
+        assert row["sparsity_reached"] == pytest.approx(row["sparsity"], abs=1e-3)
+        assert row["efficiency"] == pytest.approx(row["test_accuracy"] / row["peak_memory_mib"] * 100)
+    with open(out / "comparison.csv") as f:
+        assert len(f.read().strip().splitlines()) == 1 + len(train.STUDY)
+    printed = capsys.readouterr().out
+    assert "AdamWPrune + state" in printed and "peak MiB" in printed  # the table
+    for name in ("comparison.svg", "memory_timeline.svg", "memory_vs_accuracy.svg"):
+        ET.parse(out / name)
+
+
+def test_an_ablation_sweep_runs_each_score_at_each_sparsity_and_the_dense_row_once(tiny_data, tmp_path):
+    out = tmp_path / "ablation"
+    train.main(compare_args(tiny_data, out, "--ablation", "--sparsity", "0.5,0.9"))
+    with open(out / "comparison.json") as f:
+        rows = json.load(f)["rows"]
+    pruned = [(r["importance"], r["sparsity"]) for r in rows if r["pruning"] == "state"]
+    assert sorted(pruned) == sorted((i, s) for i in ("hybrid", "variance", "momentum", "magnitude") for s in (0.5, 0.9))
+    assert [r["sparsity"] for r in rows if r["pruning"] == "none"] == [0.0]
+    assert os.path.exists(out / "accuracy_vs_sparsity.svg")
+
+
+def test_a_comparison_refuses_rows_made_with_other_settings(tiny_data, tmp_path):
+    out = tmp_path / "comparison"
+    train.main(compare_args(tiny_data, out, "--ablation"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(compare_args(tiny_data, out, "--ablation", "--seed", "2"))
+    assert "other settings" in str(exit_info.value.code) and "another --out" in str(exit_info.value.code)
+

@@ -827,9 +827,10 @@ def comparison_runs(config):
             row_sparsity = sparsity if pruning != "none" else 0.0
             tag = f"-{importance}" if config["ablation"] and importance else ""
             out = os.path.join(config["out"], f"{config['model']}-{optimizer}-{pruning}{tag}-{row_sparsity:g}")
-            runs.append((name, {**config, "optimizer": optimizer, "pruning": pruning, "sparsity": row_sparsity,
+            row = {k: v for k, v in config.items() if k not in ("compare", "ablation", "plot", "sparsities")}
+            runs.append((name, {**row, "optimizer": optimizer, "pruning": pruning, "sparsity": row_sparsity,
                                 "importance": importance or config["importance"], "lr": OPTIMIZERS[optimizer][0],
-                                "out": out, "resume": False, "compare": False, "ablation": False}))
+                                "out": out, "resume": False}))
     return runs
 
 
@@ -840,7 +841,7 @@ def finished_results(config):
         return None
     with open(path) as f:
         results = json.load(f)
-    changed = sorted(k for k in config if k not in ("resume", "device") and results["config"].get(k) != config[k])
+    changed = sorted(k for k in config if k != "resume" and results["config"].get(k) != config[k])
     if changed:
         raise RunError(f"{path} was made with other settings ({', '.join(changed)}): "
                        f"give the comparison another --out, or delete that directory")
