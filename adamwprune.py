@@ -50,6 +50,11 @@ Caveats
       a global ranking; a group with its own `sparsity` is pruned to that fraction by itself.
     - Pruning acts on the parameter values the optimizer sees: load pretrained weights before
       the first mask update, and do not write into pruned weights afterwards.
+    - Frozen parameters (requires_grad=False) are never pruned.
+    - Masks index a tensor's memory: keep a parameter's layout (e.g. channels_last) fixed once
+      pruning has begun.
+    - For bf16/fp16 parameters, a compacted tensor adds its AdamW change rounded to the
+      parameter's dtype: kept weights may differ from dense AdamW by one unit in the last place.
     - Sparse gradients are not supported.
 
 References: AdamW, Loshchilov & Hutter 2019 (arXiv:1711.05101); the cubic schedule,
@@ -130,7 +135,8 @@ def kth_smallest(score_fns, k):
     while low < high:
         middle = (low + high) // 2
         value = _float_from_bits(middle)
-        count = sum(int((fn() <= value).sum()) for fn in score_fns)
+        counts = [(fn() <= value).sum() for fn in score_fns]  # queued on the device, then read
+        count = sum(int(c) for c in counts)
         if count == k:
             return value
         if count > k:
@@ -151,6 +157,8 @@ def _check_options(o):
             raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
     if not 0.0 <= o["sparsity"] < 1.0:
         raise ValueError(f"Invalid sparsity: {o['sparsity']} (must be in [0, 1))")
+    if o["importance"] == "hybrid" and not o["eps"] > 0:
+        raise ValueError(f"Invalid eps: {o['eps']} (must be > 0 for importance='hybrid', which divides by it)")
     if o["importance"] not in IMPORTANCES:
         raise ValueError(f"Invalid importance: {o['importance']!r} (choose from {', '.join(IMPORTANCES)})")
     if o["schedule"] not in SCHEDULES:
@@ -285,7 +293,12 @@ class AdamWPrune(torch.optim.Optimizer):
     # --- pruning ---
 
     def _prunable(self, p, group):
+        if not p.requires_grad:  # frozen: not trained, so not ranked against trained weights
+            return False
         return group["prune"] if group["prune"] is not None else p.dim() >= 2
+
+    def _scored_count(self, p):
+        return p.numel() - self._pruned_count(p) if "kept_index" in self.state[p] else p.numel()
 
     def _pruned_count(self, p):
         state = self.state.get(p, {})
@@ -318,7 +331,9 @@ class AdamWPrune(torch.optim.Optimizer):
         if k <= sum(self._pruned_count(p) for p in params):
             return
         score_fns = [lambda p=p: self._score(p, group) for p in params]
-        if not all(bool(torch.isfinite(fn()).all()) for fn in score_fns):
+        # scores are >= 0, or -1 where pruned: a max is nan or inf exactly when some score is
+        scored = [fn for p, fn in zip(params, score_fns) if self._scored_count(p) > 0]
+        if not all(bool(fn().max().isfinite()) for fn in scored):
             warnings.warn(f"AdamWPrune: non-finite importance scores at step {group['optimizer_step']}; "
                           "mask update skipped (check for inf/nan weights or gradients)")
             return
@@ -333,6 +348,7 @@ class AdamWPrune(torch.optim.Optimizer):
                 ties = (score == threshold).nonzero().flatten()[:ties_left]
                 prune[ties] = True
                 ties_left -= ties.numel()
+            del score  # before _apply_prune allocates: one tensor's transients at a time
             self._apply_prune(p, prune)
 
     def _apply_prune(self, p, prune):
@@ -344,7 +360,7 @@ class AdamWPrune(torch.optim.Optimizer):
             for key in ("kept_index", "exp_avg", "exp_avg_sq"):
                 state[key] = state[key][keep]
             return
-        flat[prune] = 0
+        flat.masked_fill_(prune, 0)
         pruned_count = int(prune.sum())
         # compact when it is cheaper: 12 B per kept weight < 8 B per weight + 4 B per pruned one
         if 12 * (p.numel() - pruned_count) < 8 * p.numel() + 4 * pruned_count:

@@ -119,8 +119,9 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:  # views, in-place: not new
                 self._count(t.untyped_storage())
         return out
 
@@ -156,7 +157,9 @@ class MemoryMonitor:
       (reset before each sampled step; the peak of the steps between samples is kept too).
     - CPU: a TensorMemoryTracker over the sampled step, starting from the persistent training
       state (parameters, gradients, optimizer state, pruning buffers, model buffers), which is
-      counted exactly; reserved equals allocated (no caching allocator to report).
+      counted exactly; reserved equals allocated (no caching allocator to report). The peak is
+      over the sampled steps only (train.py samples every mask update too), and leaves out the
+      data set and input batch, which CUDA's allocator counts when they live on the GPU.
     The process's peak resident set size is reported alongside, as context only: it includes the
     Python interpreter, libraries and data set.
     """
@@ -269,12 +272,14 @@ class Rig:
     def peak_step_bytes(self):
         """The most tensor memory alive at once during one training step (all of it, state included)."""
         device = self.x.device
-        if device.type == "cuda":
+        if device.type == "cuda":  # the device also holds the other rigs: count above them
             torch.cuda.synchronize(device)
+            others_bytes = torch.cuda.memory_allocated(device) - tensor_bytes(
+                training_tensors(self.model, self.optimizer, self.buffers()))
             torch.cuda.reset_peak_memory_stats(device)
             self.train_step()
             torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device)
+            return torch.cuda.max_memory_allocated(device) - others_bytes
         with TensorMemoryTracker(existing=training_tensors(self.model, self.optimizer, self.buffers())) as tracker:
             self.train_step()
         return tracker.peak_bytes

@@ -199,6 +199,17 @@ def test_a_param_group_can_opt_out_of_pruning():
     assert zeros_fraction([model[2].weight, model[4].weight]) == pytest.approx(0.6, abs=1e-3)
 
 
+def test_frozen_parameters_are_never_pruned_nor_given_state():
+    model = small_net()
+    model[0].weight.requires_grad_(False)  # e.g. a pretrained layer kept fixed
+    opt = AdamWPrune(model.parameters(), sparsity=0.5, prune_start=1, prune_end=4, prune_every=1)
+    for t in range(6):
+        random_grads([p for p in model.parameters() if p.requires_grad], t)
+        opt.step()
+    assert int((model[0].weight == 0).sum()) == 0 and not opt.state[model[0].weight]
+    assert zeros_fraction([model[2].weight, model[4].weight]) == pytest.approx(0.5, abs=1e-3)
+
+
 # --- 3. pruned stays pruned ---
 
 
@@ -435,6 +446,7 @@ def test_a_step_skipped_by_grad_scaler_changes_nothing():
     (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
     (dict(prune_start=100, prune_end=10), "prune_end"), (dict(prune_every=0), "prune_every"),
     (dict(importance="random"), "importance"), (dict(schedule="exponential"), "schedule"),
+    (dict(importance="hybrid", eps=0.0), "eps"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError) as error:
@@ -587,6 +599,14 @@ def test_tracker_counts_existing_tensors_and_sees_them_freed():
     assert tracker.peak_bytes == 12_000
     assert tracker.live_bytes == 4000 + 2000
     del block
+
+
+def test_tracker_does_not_count_in_place_work_on_tensors_from_before():
+    big = torch.zeros(1_000_000)
+    with memory.TensorMemoryTracker() as tracker:
+        big.add_(1)
+        big.view(-1, 10).mul_(2)
+    assert tracker.peak_bytes == 0
 
 
 def test_monitor_samples_every_n_steps_and_peak_includes_activations():
