@@ -841,7 +841,8 @@ def finished_results(config):
         return None
     with open(path) as f:
         results = json.load(f)
-    changed = sorted(k for k in config if k != "resume" and results["config"].get(k) != config[k])
+    ignored = {"resume"} | ({"importance"} if config["pruning"] != "state" else set())  # no effect there
+    changed = sorted(k for k in config if k not in ignored and results["config"].get(k) != config[k])
     if changed:
         raise RunError(f"{path} was made with other settings ({', '.join(changed)}): "
                        f"give the comparison another --out, or delete that directory")
