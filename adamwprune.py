@@ -14,8 +14,9 @@ Usage
     overall, per_tensor = optimizer.sparsity()   # fraction pruned, {parameter: fraction}
 
 Algorithm, at optimizer step t of a param group (w weight, g gradient, m = exp_avg, v = exp_avg_sq)
-    1. AdamW on every parameter that has a gradient (on a compacted tensor: its kept weights,
-       gathered at kept_index and written back; its pruned weights are never touched):
+    1. AdamW on every parameter that has a gradient. On a compacted tensor the decay scales the
+       whole tensor (pruned weights are zero and stay zero); the rest of the update is computed
+       for the kept weights alone, from their gathered gradients, and added at kept_index:
            w <- w * (1 - lr * weight_decay)
            m <- beta1 * m + (1 - beta1) * g
            v <- beta2 * v + (1 - beta2) * g * g
@@ -26,10 +27,10 @@ Algorithm, at optimizer step t of a param group (w weight, g gradient, m = exp_a
               cubic:  s(t) = sparsity * (1 - (1 - (t - prune_start) / (prune_end - prune_start))^3)
               linear: s(t) = sparsity * (t - prune_start) / (prune_end - prune_start)
        b. score each weight from (w, m, v) alone, higher = more important:
-              hybrid    |w * m| * |w| / (sqrt(v) + eps)
+              magnitude |w|                              (the default)
               variance  |w| * v^(1/4)
+              hybrid    |w * m| * |w| / (sqrt(v) + eps)
               momentum  |w| * sqrt(|m|)
-              magnitude |w|
           Already-pruned weights score -1, so a mask never un-prunes.
        c. find the global threshold with exactly k scores at or below it (ties broken by
           position), by bisection over float32 values: one tensor's scores exist at a time,
@@ -43,7 +44,8 @@ Memory: optimizer state per prunable element (fp32 parameters)
     sparsity s <= 0.25             8 B     8 B + 4s B of pruned_index (int32): at most 9 B
     sparsity s > 0.25 (compact)    8 B     12 (1 - s) B: kept_index, m, v of kept weights
     at s = 0.7                     8 B     3.6 B
-    choosing a threshold           -       transient: the scores of one tensor at a time
+    choosing a threshold           -       transient: one tensor's scores (4 B) and their
+                                           comparison mask (1 B) per element, at a time
 
 Caveats
     - One threshold per param group: put all prunable tensors in one group (the default) for
