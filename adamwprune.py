@@ -63,7 +63,6 @@ References: AdamW, Loshchilov & Hutter 2019 (arXiv:1711.05101); the cubic schedu
 Zhu & Gupta 2017 (arXiv:1710.01878).
 """
 import math
-import struct
 import warnings
 
 import torch
@@ -123,7 +122,8 @@ def flat_view(tensor):
 
 
 def _float_from_bits(bits):
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+    """The float32 whose bit pattern is the integer `bits`."""
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
 
 
 def kth_smallest(score_fns, k):
