@@ -1265,8 +1265,9 @@ def test_compare_runs_every_row_and_resumes_where_it_stopped(tiny_data, tmp_path
             raise KeyboardInterrupt  # a stop part-way through the comparison
         return real_run(config)
     monkeypatch.setattr(train, "run", run_then_stop_in_the_fourth_row)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(compare_args(tiny_data, out))
+    assert "run the same command again" in str(exit_info.value.code)
     with open(out / "comparison.json") as f:
         assert len(json.load(f)["rows"]) == 3  # what finished is saved
     started.clear()
@@ -1304,4 +1305,21 @@ def test_a_comparison_refuses_rows_made_with_other_settings(tiny_data, tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         train.main(compare_args(tiny_data, out, "--ablation", "--seed", "2"))
     assert "other settings" in str(exit_info.value.code) and "another --out" in str(exit_info.value.code)
+
+
+def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tiny_data, tmp_path, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_data, tmp_path))
+    assert "stopped" in str(exit_info.value.code) and "--resume" in str(exit_info.value.code)
+
+
+def test_results_are_written_readable_by_others(tmp_path):
+    path = tmp_path / "results.json"
+    train.write_json_atomic(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
 

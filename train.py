@@ -302,7 +302,8 @@ def load_dataset(name, data_dir):
         return torchvision_download(name, data_dir)
     except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]  # torchvision's last word
-        apt = " or `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else ""
+        apt = (" or `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else
+               " or use --dataset fashion-mnist, which Debian's dataset-fashion-mnist provides offline,")
         raise RunError(f"could not load {name}: looked in {', '.join(tried) or data_dir}, then tried to "
                        f"download it into {data_dir} ({reason}). To fix: point --data-dir DIR at a copy "
                        f"of the files,{apt} or run once with network access to download it.") from None
@@ -681,29 +682,28 @@ def train(state, data, epoch, show_progress=None):
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
-def write_text_atomic(path, text):
-    """Write text to a temporary file beside `path`, then rename it over `path`."""
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
-        f.write(text)
+def write_atomic(path, write, binary=False):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`: a crash
+    leaves the old file or the new one, never half of one."""
+    with tempfile.NamedTemporaryFile("wb" if binary else "w", dir=os.path.dirname(path) or ".", suffix=".tmp",
+                                     delete=False) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(f.name, 0o644)  # tempfile makes files private; results are for reading
     os.replace(f.name, path)
+
+
+def write_text_atomic(path, text):
+    write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path, obj):
-    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1))
 
 
 def save_checkpoint(state, path):
-    """torch.save to a temporary file beside `path`, then rename it over `path`."""
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
-        torch.save(state.state_dict(), f)
-    os.replace(f.name, path)
+    write_atomic(path, lambda f: torch.save(state.state_dict(), f), binary=True)
 
 
 def setup(config):
@@ -919,6 +919,9 @@ def main(argv=None):
         results = run(config)
     except RunError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        again = "run the same command again" if config["compare"] else "add --resume to the same command"
+        sys.exit(f"\nstopped: finished epochs are saved in {config['out']}; {again} to continue")
     final = results["final"]
     print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: "
           f"test accuracy {final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, "
