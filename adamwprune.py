@@ -21,7 +21,7 @@ Algorithm, at optimizer step t of a param group (w weight, g gradient, m = exp_a
            m <- beta1 * m + (1 - beta1) * g
            v <- beta2 * v + (1 - beta2) * g * g
            w <- w - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-    2. If t >= prune_start and t is on the prune_every grid (or t >= prune_end), for the
+    2. If t >= prune_start and t is on the prune_every grid (or t = prune_end), for the
        prunable tensors (2 or more dimensions, unless the group says `prune`):
        a. target count k = round(s(t) * N), N prunable weights, s(t) from the schedule:
               cubic:  s(t) = sparsity * (1 - (1 - (t - prune_start) / (prune_end - prune_start))^3)
@@ -218,7 +218,7 @@ class AdamWPrune(torch.optim.Optimizer):
             self._adamw_step(group)
             t = group["optimizer_step"]
             if group["sparsity"] > 0 and t >= group["prune_start"] and (
-                    (t - group["prune_start"]) % group["prune_every"] == 0 or t >= group["prune_end"]):
+                    (t - group["prune_start"]) % group["prune_every"] == 0 or t == group["prune_end"]):
                 self._update_masks(group)
         return loss
 

@@ -238,7 +238,8 @@ class Rig:
         config.update(prune_start=1, prune_end=1, prune_every=1)
         torch.manual_seed(0)
         self.model = train.make_model(config, device)
-        self.optimizer, _, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
+        self.optimizer, self.scheduler, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
+        self.config, self.train_update = config, train.update
         channels, side = train.DATASETS[config["dataset"]][1:3]
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(BATCH_SIZE[model_name], channels, side, side, generator=g).to(device)
@@ -250,12 +251,8 @@ class Rig:
         torch.nn.functional.cross_entropy(self.model(self.x), self.y).backward()
 
     def update(self):
-        """What a training step does after backward: the optimizer's and the pruning's work."""
-        if self.pruning:
-            self.pruning.observe()
-        self.optimizer.step()
-        if self.pruning:
-            self.pruning.step()
+        """What a training step of train.py does after backward (optimizer, schedule, pruning)."""
+        self.train_update(self.config, self.model, self.optimizer, self.scheduler, self.pruning)
 
     def train_step(self):
         self.backward()

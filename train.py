@@ -457,7 +457,7 @@ class GradualPruning:
     def step(self):
         """Called after every optimizer step: update the masks when due, then zero pruned weights."""
         self.optimizer_step = t = self.optimizer_step + 1
-        if t >= self.prune_start and ((t - self.prune_start) % self.prune_every == 0 or t >= self.prune_end):
+        if t >= self.prune_start and ((t - self.prune_start) % self.prune_every == 0 or t == self.prune_end):
             target = scheduled_sparsity(t, self.sparsity, self.schedule, self.prune_start, self.prune_end)
             self.update_masks(target)
         for p, mask in zip(self.params, self.masks):
@@ -627,6 +627,20 @@ def progress_line(epoch, epochs, step, steps, loss, accuracy, images_per_second,
             f"mem {memory.format_bytes(memory_bytes)}")
 
 
+def update(config, model, optimizer, scheduler, pruning):
+    """What a training step does after backward: pruning scores see this step's gradients,
+    masks act after the optimizer step."""
+    if pruning:
+        pruning.observe()
+    if config["optimizer"] == "adamwadv":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
+    optimizer.step()
+    if scheduler:
+        scheduler.step()
+    if pruning:
+        pruning.step()
+
+
 def mask_update_due(config, step):
     """Whether pruning masks change after this optimizer step (the schedule every method shares)."""
     start, end, every = config["prune_start"], config["prune_end"], config["prune_every"]
@@ -655,16 +669,8 @@ def train(state, data, epoch, show_progress=None):
                 loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # 2) the update: pruning scores see this step's gradients, masks act after the step
-            if state.pruning:
-                state.pruning.observe()
-            if config["optimizer"] == "adamwadv":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
-            optimizer.step()
-            if state.scheduler:
-                state.scheduler.step()
-            if state.pruning:
-                state.pruning.step()
+            # 2) the update
+            update(config, model, optimizer, state.scheduler, state.pruning)
         state.step += 1
         # 3) bookkeeping, on the device until shown
         loss_sum += loss.detach().float() * len(y)
