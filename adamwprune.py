@@ -13,39 +13,52 @@ Usage
         optimizer.step()
     overall, per_tensor = optimizer.sparsity()   # fraction pruned, {parameter: fraction}
 
-Algorithm, at optimizer step t of a param group (w weight, g gradient, m = exp_avg, v = exp_avg_sq)
-    1. AdamW on every parameter that has a gradient. On a compacted tensor the decay scales the
-       whole tensor (pruned weights are zero and stay zero); the rest of the update is computed
-       for the kept weights alone, from their gathered gradients, and added at kept_index:
+    It takes torch.optim.AdamW's arguments (amsgrad, maximize, foreach, fused) and loads its
+    state_dict. Parameters sharded by FSDP2's fully_shard need nothing more (see Caveats).
+
+Algorithm. Each parameter p counts its own steps n_p (AdamW's bias correction); each param group
+counts optimizer steps c (the pruning clock). w weight, g gradient, m = exp_avg, v = exp_avg_sq.
+    1. AdamW on every parameter that has a gradient, with n_p <- n_p + 1:
            w <- w * (1 - lr * weight_decay)
            m <- beta1 * m + (1 - beta1) * g
-           v <- beta2 * v + (1 - beta2) * g * g
-           w <- w - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-    2. If t >= prune_start and t is on the prune_every grid (or t = prune_end), for the
+           v <- beta2 * v + (1 - beta2) * g * g          (amsgrad: v_max <- max(v_max, v))
+           w <- w - lr * (m / (1 - beta1^n_p)) / (sqrt(v / (1 - beta2^n_p)) + eps)
+       The arithmetic is torch's own: the class gathers lists and calls the functional
+       torch.optim.adamw.adamw, whose fused kernel runs where the device supports it. A pruned
+       weight of a dense tensor has w = 0 and v = +inf, so its step is exactly zero (m / inf)
+       and decay keeps it at zero. A compacted tensor is decayed whole (pruned weights stay
+       zero); the rest of the step runs on its kept weights alone, from their gathered
+       gradients, and is added back at kept_index.
+    2. If c >= prune_start and c is on the prune_every grid (or c = prune_end), for the
        prunable tensors (2 or more dimensions, unless the group says `prune`):
-       a. target count k = round(s(t) * N), N prunable weights, s(t) from the schedule:
-              cubic:  s(t) = sparsity * (1 - (1 - (t - prune_start) / (prune_end - prune_start))^3)
-              linear: s(t) = sparsity * (t - prune_start) / (prune_end - prune_start)
+       a. target count k = min(round(s(c) * N), N - 1), N prunable weights (one always stays):
+              cubic:  s(c) = sparsity * (1 - (1 - (c - prune_start) / (prune_end - prune_start))^3)
+              linear: s(c) = sparsity * (c - prune_start) / (prune_end - prune_start)
        b. score each weight from (w, m, v) alone, higher = more important:
               magnitude |w|                              (the default)
               variance  |w| * v^(1/4)
               hybrid    |w * m| * |w| / (sqrt(v) + eps)
               momentum  |w| * sqrt(|m|)
-          Already-pruned weights score -1, so a mask never un-prunes.
-       c. find the global threshold with exactly k scores at or below it (ties broken by
-          position), by bisection over float32 values: one tensor's scores exist at a time,
-          never a concatenation of all of them.
-       d. set the pruned weights to zero. Once more than a quarter of a tensor is pruned,
-          compact it: keep kept_index (int32) and m, v of the kept weights only.
+          Already-pruned weights score -inf, so a mask never un-prunes. A prunable weight that
+          never had a gradient has m = v = 0: the state scores rank it lowest, magnitude by |w|.
+       c. find the k lowest scores of all tensors (ties broken by position) by a radix select
+          on the float32 bit patterns: pass 1 counts the high 16 bits, pass 2 the low 16 bits
+          inside the chosen bucket, pass 3 marks. One tensor's scores exist at a time.
+       d. prune: w <- 0, v <- +inf. Once compact state is smaller for the tensor's dtype (for
+          fp32: more than a third pruned, a quarter with amsgrad), keep kept_index (int32) and
+          m, v of the kept weights only.
 
-Memory: optimizer state per prunable element (fp32 parameters)
+Memory: optimizer state per prunable element (fp32 parameters; amsgrad adds v_max like v)
     phase                          AdamW   AdamWPrune
     before prune_start             8 B     8 B (m, v): nothing extra
-    sparsity s <= 0.25             8 B     8 B + 4s B of pruned_index (int32): at most 9 B
-    sparsity s > 0.25 (compact)    8 B     12 (1 - s) B: kept_index, m, v of kept weights
-    at s = 0.7                     8 B     3.6 B
-    choosing a threshold           -       transient: one tensor's scores (4 B) and their
-                                           comparison mask (1 B) per element, at a time
+    sparsity s <= 1/3              8 B     8 B: the mask is v = +inf, no extra buffer
+    sparsity s > 1/3 (compact)     8 B     12 (1 - s) B: kept_index, m, v of kept weights
+    at s = 0.7                     8 B     3.6 B (amsgrad: 4.8 B, AdamW's 12 B)
+    transient, a mask update       -       one tensor's scores (4 B per element, turned into
+                                           histogram bins in place), plus 5 B per element of
+                                           it (gathered weights, a bool mask) at most
+    transient, a step              -       gathered gradients and the kept weights' change:
+                                           2 x 4 B per kept weight of compacted tensors
 
 Caveats
     - One threshold per param group: put all prunable tensors in one group (the default) for
@@ -57,7 +70,13 @@ Caveats
       pruning has begun.
     - For bf16/fp16 parameters, a compacted tensor adds its AdamW change rounded to the
       parameter's dtype: kept weights may differ from dense AdamW by one unit in the last place.
-    - Sparse gradients are not supported.
+    - FSDP2 (fully_shard, Shard(0) on a 1-D mesh): each rank steps and scores its local shard and
+      keeps compact state for it alone; each threshold pass sums its counts over the mesh's
+      process group, so the k pruned are those one process would prune. Every rank must call
+      step() (as FSDP2 requires anyway). sparsity() reports this rank's shards.
+    - DDP: every rank computes the same mask; pass check_replicas=<process group> to verify that
+      after every mask update (two small all-reduces).
+    - Sparse gradients, capturable (CUDA graphs) and differentiable are not supported.
 
 References: AdamW, Loshchilov & Hutter 2019 (arXiv:1711.05101); the cubic schedule,
 Zhu & Gupta 2017 (arXiv:1710.01878).
@@ -66,25 +85,10 @@ import math
 import warnings
 
 import torch
+from torch.optim.adamw import adamw
 
 IMPORTANCES = ("hybrid", "variance", "momentum", "magnitude")
 SCHEDULES = ("cubic", "linear")
-
-
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-                 weight_decay):
-    """One AdamW step, in place, on lists of tensors (the arithmetic of torch.optim.AdamW)."""
-    if not params:
-        return
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**t) for t in steps])
 
 
 def scheduled_sparsity(step, sparsity, schedule, prune_start, prune_end):
@@ -97,6 +101,11 @@ def scheduled_sparsity(step, sparsity, schedule, prune_start, prune_end):
     if schedule == "cubic":
         return sparsity * (1 - (1 - progress) ** 3)
     return sparsity * progress
+
+
+def target_count(sparsity, numel):
+    """How many of `numel` weights a fraction `sparsity` prunes: rounded, and never all of them."""
+    return max(0, min(round(sparsity * numel), numel - 1))
 
 
 def importance_score(importance, weight, exp_avg, exp_avg_sq, eps):
@@ -121,33 +130,106 @@ def flat_view(tensor):
     return tensor.permute(dims_outer_first).view(-1)
 
 
-def _float_from_bits(bits):
-    """The float32 whose bit pattern is the integer `bits`."""
-    return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
+def local(tensor):
+    """This rank's part of a sharded (DTensor) parameter or gradient; a plain tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def kth_smallest(score_fns, k):
-    """A float32 value t with exactly k scores <= t over all tensors or, where ties make that
-    impossible, the smallest t with more.
-
-    Bisection over the bit patterns of non-negative float32 values (their integer order is
-    their numeric order): at most 31 passes, each computing one tensor's scores at a time.
-    Negative scores (pruned weights) always count."""
-    low, high = 0, 0x7F800000  # the bit patterns of 0.0 and +inf
-    while low < high:
-        middle = (low + high) // 2
-        value = _float_from_bits(middle)
-        counts = [(fn() <= value).sum() for fn in score_fns]  # queued on the device, then read
-        count = sum(int(c) for c in counts)
-        if count == k:
-            return value
-        if count > k:
-            high = middle
-        else:
-            low = middle + 1
-    return _float_from_bits(low)
+# --- the k lowest scores: a radix select over float32 bit patterns ---
+BINS = 1 << 16  # one bin per value of 16 bits
 
 
+def _float_order(histogram):
+    """Bins indexed by (bits >> 16) + 2^15 reordered by float value: a negative float's bits
+    grow as it falls, so the lower half runs backwards."""
+    return torch.cat([histogram[:BINS // 2].flip(0), histogram[BINS // 2:]])
+
+
+def lowest_k(score_fns, k, device, unscored=0, group=None):
+    """The k lowest scores of all tensors: (threshold, [(i, prune), ...]), the list made one
+    tensor at a time as it is read, prune a bool tensor over the scores of score_fns[i]().
+    Scores below the threshold are marked, and as many equal to it as make k, by position
+    (tensor by tensor; within a tensor rank by rank, then in memory order).
+
+    score_fns[i]() returns a new 1-D float32 tensor on `device`, -inf where a weight is already
+    pruned; it is called once per pass and overwritten. `unscored` counts pruned weights that
+    have no score: they rank lowest. With a process group, every rank holds shards of the same
+    tensors, and the counts of each pass are summed over the group in the same collectives on
+    every rank. None when the k lowest are all pruned already, or when a score is NaN or +inf
+    (then with a warning, on every rank)."""
+
+    def summed_over_ranks(counts):  # the one place where ranks talk
+        if group is not None:
+            torch.distributed.all_reduce(counts, group=group)
+        return counts.cpu()
+
+    def scores(fn):  # -0.0 becomes 0.0, so that equal scores have equal bits
+        return fn().add_(0.0)
+
+    # 1) a histogram of the high 16 bits, after the unscored; and how many tensors hold NaN or +inf
+    counts = torch.zeros(BINS + 2, dtype=torch.int64, device=device)
+    counts[0] = unscored
+    for fn in score_fns:
+        bits = scores(fn).view(torch.int32)
+        if bits.numel():
+            counts[BINS + 1] += (~(bits.view(torch.float32).max() < math.inf)).to(torch.int64)
+        bits.bitwise_right_shift_(16).add_(BINS // 2)  # each score's bin, in [0, 2^16)
+        counts[1:BINS + 1] += torch.bincount(bits, minlength=BINS)
+    counts = summed_over_ranks(counts)
+    if counts[BINS + 1]:
+        warnings.warn("AdamWPrune: non-finite importance scores; mask update skipped "
+                      "(check for inf/nan weights or gradients)")
+        return None
+    at_or_below = torch.cat([counts[:1], _float_order(counts[1:BINS + 1])]).cumsum(0)
+    position = int(torch.searchsorted(at_or_below, k))  # 0: the unscored, else 1 + a bin by value
+    if position == 0:
+        return None
+    high = -position if position <= BINS // 2 else position - 1 - BINS // 2  # its high bits, signed
+    count_below = int(at_or_below[position - 1])
+    # 2) a histogram of the low 16 bits inside that bin
+    counts = torch.zeros(BINS + 2, dtype=torch.int64, device=device)
+    for fn in score_fns:
+        bits = scores(fn).view(torch.int32).sub_(high << 16).clamp_(-1, BINS).add_(1)  # 1 + low bits
+        counts += torch.bincount(bits, minlength=BINS + 2)
+    inside = summed_over_ranks(counts)[1:BINS + 1]
+    inside = inside.flip(0) if high < 0 else inside  # by value
+    at_or_below = inside.cumsum(0) + count_below
+    position = int(torch.searchsorted(at_or_below, k))
+    low = position if high >= 0 else BINS - 1 - position
+    threshold = torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32).item()
+    if threshold == -math.inf:
+        return None
+    equal = int(inside[position])
+    ties = k - (int(at_or_below[position]) - equal)  # how many of the scores equal to it go
+    # 3) mark: every score below the threshold, and the first `ties` of those equal to it
+    ties_before = None  # per tensor, on a shard: the ties in earlier tensors and on earlier ranks
+    if ties < equal and group is not None:
+        mine = torch.tensor([int((scores(fn) == threshold).sum()) for fn in score_fns], device=device)
+        every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(every, mine, group=group)
+        every = torch.stack(every).cpu()  # (ranks, tensors)
+        per_tensor = every.sum(0)
+        rank = torch.distributed.get_rank(group)
+        ties_before = (per_tensor.cumsum(0) - per_tensor + every[:rank].sum(0)).tolist()
+
+    def marks():
+        taken = 0
+        for i, fn in enumerate(score_fns):
+            score = scores(fn)
+            if ties == equal:
+                prune = score <= threshold
+            else:
+                prune = score < threshold
+                before = taken if ties_before is None else ties_before[i]
+                tied = (score == threshold).nonzero().flatten()[:max(0, ties - before)]
+                prune[tied] = True
+                taken += tied.numel()
+            del score
+            yield i, prune
+    return threshold, marks()
+
+
+# --- the optimizer ---
 def _check_options(o):
     for name in ("lr", "eps", "weight_decay"):
         if not o[name] >= 0.0:
@@ -157,6 +239,12 @@ def _check_options(o):
     for i, beta in enumerate(o["betas"]):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
+    for name in ("capturable", "differentiable"):
+        if o[name]:
+            raise ValueError(f"Invalid {name}: True (must be False: AdamWPrune changes the size of its "
+                             "state at mask updates, which CUDA graphs and autograd through the step cannot follow)")
+    if o["fused"] and o["foreach"]:
+        raise ValueError("Invalid fused: True together with foreach=True (must choose one)")
     if not 0.0 <= o["sparsity"] < 1.0:
         raise ValueError(f"Invalid sparsity: {o['sparsity']} (must be in [0, 1))")
     if o["importance"] == "hybrid" and not o["eps"] > 0:
@@ -175,37 +263,64 @@ def _check_options(o):
         raise ValueError(f"Invalid prune: {o['prune']!r} (must be True, False or None for 2+ dims)")
 
 
+def _pick_kernel(group):
+    """fused=None: torch's fused kernel where it runs (CPU, CUDA), unless foreach was asked for."""
+    if group["fused"] is None and not group["foreach"]:
+        group["fused"] = all(local(p).device.type in ("cpu", "cuda") for p in group["params"])
+
+
 class AdamWPrune(torch.optim.Optimizer):
     """AdamW that prunes during training by its own states; the module docstring has the algorithm.
 
     Args:
         params: parameters or param groups; a group may override any option below and set
             `prune` (True/False) to choose its tensors (default: tensors of 2+ dimensions)
-        lr: learning rate (default: 1e-3)
-        betas: coefficients of the running averages of g and g^2 (default: (0.9, 0.999))
-        eps: added to the denominator for numerical stability (default: 1e-8)
-        weight_decay: decoupled weight decay (default: 1e-2)
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as torch.optim.AdamW
+            (defaults: 1e-3, (0.9, 0.999), 1e-8, 1e-2, False, False, None)
+        fused: torch's fused AdamW kernel; None picks it where every parameter is on the CPU or
+            CUDA and foreach is not set (default: None)
+        capturable, differentiable: accepted for AdamW's signature; must be False
         sparsity: final fraction of prunable weights set to zero, in [0, 1) (default: 0.7)
-        importance: magnitude, variance, hybrid or momentum (default: "magnitude", the best of
-            the four on average in this project's ablation; see README.md)
+        importance: magnitude, variance, hybrid or momentum (default: "magnitude"; see README.md)
         schedule: cubic or linear growth of sparsity (default: "cubic")
         prune_start: optimizer step where pruning starts (default: 200)
         prune_end: optimizer step where the final sparsity is reached (default: 2000)
         prune_every: optimizer steps between mask updates (default: 50)
+        check_replicas: a process group whose ranks hold the same parameters (DDP); after each
+            mask update they compare pruned counts and thresholds, and raise if any differ
+            (default: None, no check)
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 sparsity=0.7, importance="magnitude", schedule="cubic", prune_start=200,
-                 prune_end=2000, prune_every=50):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sparsity=sparsity,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, sparsity=0.7, importance="magnitude",
+                 schedule="cubic", prune_start=200, prune_end=2000, prune_every=50,
+                 check_replicas=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, sparsity=sparsity,
                         importance=importance, schedule=schedule, prune_start=prune_start,
                         prune_end=prune_end, prune_every=prune_every, prune=None)
+        self.check_replicas = check_replicas
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
         _check_options({**self.defaults, **param_group})
-        param_group.setdefault("optimizer_step", 0)  # the pruning schedule's clock
+        param_group.setdefault("optimizer_step", 0)  # the pruning schedule's clock, c
         super().add_param_group(param_group)
+        _pick_kernel(self.param_groups[-1])
+
+    def __setstate__(self, state):
+        # Loading a state_dict comes here: fill in group keys it lacks (torch.optim.AdamW's, or
+        # an older AdamWPrune's) with the defaults, the clock with the steps taken so far.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            steps = [int(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
+            group.setdefault("optimizer_step", max(steps, default=0))
+            _check_options(group)
+            _pick_kernel(group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -216,38 +331,58 @@ class AdamWPrune(torch.optim.Optimizer):
         for group in self.param_groups:
             group["optimizer_step"] += 1
             self._adamw_step(group)
-            t = group["optimizer_step"]
-            if group["sparsity"] > 0 and t >= group["prune_start"] and (
-                    (t - group["prune_start"]) % group["prune_every"] == 0 or t == group["prune_end"]):
+            c = group["optimizer_step"]
+            if group["sparsity"] > 0 and group["prune_start"] <= c <= group["prune_end"] and (
+                    (c - group["prune_start"]) % group["prune_every"] == 0 or c == group["prune_end"]):
                 self._update_masks(group)
         return loss
 
     def sparsity(self):
-        """Fraction of prunable weights pruned: (overall, {parameter: fraction})."""
-        per_tensor = {p: self._pruned_count(p) / p.numel()
-                      for group in self.param_groups for p in group["params"] if self._prunable(p, group)}
-        numel = sum(p.numel() for p in per_tensor)
-        overall = sum(self._pruned_count(p) for p in per_tensor) / numel if numel else 0.0
-        return overall, per_tensor
+        """Fraction of prunable weights pruned: (overall, {parameter: fraction}); on this rank's shards."""
+        counts = {p: (self._pruned_count(p), local(p).numel())
+                  for group in self.param_groups for p in group["params"] if self._prunable(p, group)}
+        numel = sum(n for _, n in counts.values())
+        overall = sum(pruned for pruned, _ in counts.values()) / numel if numel else 0.0
+        return overall, {p: pruned / n if n else 0.0 for p, (pruned, n) in counts.items()}
+
+    def kept_mask(self, p):
+        """A bool tensor shaped like p (this rank's shard of it): True where the weight is kept."""
+        state, param = self.state.get(p, {}), local(p)
+        if "kept_index" in state:
+            mask = torch.zeros_like(param, dtype=torch.bool)
+            flat_view(mask)[state["kept_index"]] = True
+            return mask
+        if "exp_avg_sq" in state:
+            return state["exp_avg_sq"] != math.inf
+        return torch.ones_like(param, dtype=torch.bool)
 
     def load_state_dict(self, state_dict):
-        # torch's loader casts every state tensor to its parameter's dtype (see
-        # Optimizer._process_value_according_to_param_policy): index tensors must stay int32.
-        indices = {pid: {k: v for k, v in s.items() if k in ("kept_index", "pruned_index")}
-                   for pid, s in state_dict["state"].items()}
+        # torch's loader casts every state tensor of a float parameter to its dtype (see
+        # Optimizer._process_value_according_to_param_policy): indices must stay int32.
+        indices = {pid: s["kept_index"] for pid, s in state_dict["state"].items() if "kept_index" in s}
         super().load_state_dict(state_dict)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for pid, p in zip(saved_ids, params):
-            for key, index in indices.get(pid, {}).items():
-                self.state[p][key] = index.to(p.device)
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        for pid, (p, group) in zip(saved_ids, params):
+            state = self.state.get(p)
+            if not state:
+                continue
+            if pid in indices:
+                state["kept_index"] = indices[pid].to(p.device)
+            # steps: tensors, on the parameter's device for the fused kernel (AdamW keeps them
+            # on the CPU otherwise; an older AdamWPrune kept an int)
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(
+                p.device if group["fused"] else "cpu")
+            if "pruned_index" in state:  # an older AdamWPrune's dense mask: the v = +inf mask now
+                pruned = state.pop("pruned_index").to(p.device).long()
+                flat_view(state["exp_avg_sq"]).index_fill_(0, pruned, math.inf)
 
     # --- the AdamW step ---
 
     def _adamw_step(self, group):
-        dense = ([], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, steps
-        compact = ([], [], [], [], [])  # the same for kept weights, with changes in place of params
-        compact_params, masked_params = [], []
+        dense = ([], [], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+        compact = ([], [], [], [], [], [])  # the same for kept weights, with changes in place of params
+        compacted, kept_indices = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -256,42 +391,48 @@ class AdamWPrune(torch.optim.Optimizer):
                                    "gradients (e.g. nn.Embedding(sparse=False))")
             state = self.state[p]
             if not state:
-                self._init_state(p)
-            state["step"] += 1
-            grad = p.grad
+                self._init_state(p, group)
+            param, grad = local(p), local(p.grad)
             if "kept_index" in state:
-                if grad.stride() != p.stride():  # flat views must index both the same way
-                    grad = torch.empty_like(p).copy_(grad)
-                grad_kept = flat_view(grad).index_select(0, state["kept_index"])
-                compact_params.append(p)
-                items, target = (torch.zeros_like(grad_kept), grad_kept), compact
+                if grad.stride() != param.stride():  # flat views must index both the same way
+                    grad = torch.empty_like(param).copy_(grad)
+                grad = flat_view(grad).index_select(0, state["kept_index"])
+                compacted.append(param)
+                kept_indices.append(state["kept_index"])
+                param, lists = torch.zeros_like(grad), compact
             else:
-                items, target = (p, grad), dense
-                if "pruned_index" in state:
-                    masked_params.append(p)
-            for lst, item in zip(target, (*items, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                lst.append(item)
+                lists = dense
+            lists[0].append(param)
+            lists[1].append(grad)
+            lists[2].append(state["exp_avg"])
+            lists[3].append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                lists[4].append(state["max_exp_avg_sq"])
+            lists[5].append(state["step"])
         beta1, beta2 = group["betas"]
-        options = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"])
-        adamw_update(*dense, **options)
-        # Compact tensors: decay every weight (pruned ones are zero and stay zero), compute the
-        # AdamW change of the kept weights starting from zero, and add it at kept_index.
-        if compact_params and group["weight_decay"] != 0:
-            torch._foreach_mul_(compact_params, 1 - group["lr"] * group["weight_decay"])
-        adamw_update(*compact, **{**options, "weight_decay": 0})
-        for p, change in zip(compact_params, compact[0]):
-            flat_view(p).index_add_(0, self.state[p]["kept_index"], change)
-        for p in masked_params:  # index_fill_ takes int64 indices: a transient copy
-            flat_view(p).index_fill_(0, self.state[p]["pruned_index"].long(), 0)
+        options = dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], eps=group["eps"],
+                       maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
+        if dense[0]:
+            adamw(*dense, weight_decay=group["weight_decay"], **options)
+        if compacted:
+            # decay every weight (pruned ones are zero and stay zero); the rest of the AdamW step,
+            # computed for the kept weights from a change of zero, is added at kept_index
+            for param in compacted:
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+            adamw(*compact, weight_decay=0.0, **options)
+            for param, kept_index, change in zip(compacted, kept_indices, compact[0]):
+                flat_view(param).index_add_(0, kept_index, change)
 
-    def _init_state(self, p):
-        state = self.state[p]
-        state["step"] = 0
+    def _init_state(self, p, group):
+        param, state = local(p), self.state[p]
+        # AdamW's step count n_p, a tensor where torch's kernels want it
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if group["fused"] else "cpu")
         # running average of the gradient, m (first moment)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        # running average of the squared gradient, v (second moment)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        # running average of the squared gradient, v (second moment); +inf marks a pruned weight
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if group["amsgrad"]:  # the largest v so far, v_max
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     # --- pruning ---
 
@@ -300,77 +441,92 @@ class AdamWPrune(torch.optim.Optimizer):
             return False
         return group["prune"] if group["prune"] is not None else p.dim() >= 2
 
-    def _scored_count(self, p):
-        return p.numel() - self._pruned_count(p) if "kept_index" in self.state[p] else p.numel()
-
     def _pruned_count(self, p):
         state = self.state.get(p, {})
         if "kept_index" in state:
-            return p.numel() - state["kept_index"].numel()
-        return state["pruned_index"].numel() if "pruned_index" in state else 0
+            return local(p).numel() - state["kept_index"].numel()
+        return int((state["exp_avg_sq"] == math.inf).sum()) if "exp_avg_sq" in state else 0
 
     def _score(self, p, group):
-        """Importance of p's prunable positions (float32, flat): all of them, or the kept ones."""
+        """Importance of p's scored positions (float32, flat): all of them, or the kept ones."""
         state = self.state[p]
-        weight, exp_avg, exp_avg_sq = flat_view(p), state["exp_avg"], state["exp_avg_sq"]
+        weight, exp_avg, exp_avg_sq = flat_view(local(p)), state["exp_avg"], state["exp_avg_sq"]
         if "kept_index" in state:
-            weight = weight.index_select(0, state["kept_index"])
-        else:
-            exp_avg, exp_avg_sq = flat_view(exp_avg), flat_view(exp_avg_sq)
-        score = importance_score(group["importance"], weight, exp_avg, exp_avg_sq, group["eps"])
-        if "pruned_index" in state:
-            score[state["pruned_index"]] = -1.0
-        return score
+            score = importance_score(group["importance"], weight.index_select(0, state["kept_index"]),
+                                     exp_avg, exp_avg_sq, group["eps"])
+            return score
+        exp_avg_sq = flat_view(exp_avg_sq)
+        score = importance_score(group["importance"], weight, flat_view(exp_avg), exp_avg_sq, group["eps"])
+        return score.masked_fill_(exp_avg_sq == math.inf, -math.inf)
 
     def _update_masks(self, group):
         params = [p for p in group["params"] if self._prunable(p, group)]
+        if not params:
+            return
         for p in params:
             if not self.state[p]:
-                self._init_state(p)  # a weight that never had a gradient scores as unimportant
-        numel = sum(p.numel() for p in params)
+                self._init_state(p, group)
+        process_group = _process_group(params)
         target = scheduled_sparsity(group["optimizer_step"], group["sparsity"], group["schedule"],
                                     group["prune_start"], group["prune_end"])
-        k = round(target * numel)
-        if k <= sum(self._pruned_count(p) for p in params):
-            return
+        k = target_count(target, sum(p.numel() for p in params))  # p.numel(): the whole tensor
+        unscored = sum(self._pruned_count(p) for p in params if "kept_index" in self.state[p])
         score_fns = [lambda p=p: self._score(p, group) for p in params]
-        # scores are >= 0, or -1 where pruned: a max is nan or inf exactly when some score is
-        scored = [fn for p, fn in zip(params, score_fns) if self._scored_count(p) > 0]
-        if not all(bool(fn().max().isfinite()) for fn in scored):
-            warnings.warn(f"AdamWPrune: non-finite importance scores at step {group['optimizer_step']}; "
-                          "mask update skipped (check for inf/nan weights or gradients)")
-            return
-        # compacted tensors score only their kept weights: their pruned ones are already counted
-        k -= sum(self._pruned_count(p) for p in params if "kept_index" in self.state[p])
-        threshold = kth_smallest(score_fns, k)
-        ties_left = k - sum(int((fn() < threshold).sum()) for fn in score_fns)
-        for p, fn in zip(params, score_fns):
-            score = fn()
-            prune = score < threshold
-            if ties_left > 0:
-                ties = (score == threshold).nonzero().flatten()[:ties_left]
-                prune[ties] = True
-                ties_left -= ties.numel()
-            del score  # before _apply_prune allocates: one tensor's transients at a time
-            self._apply_prune(p, prune)
+        found = lowest_k(score_fns, k, local(params[0]).device, unscored, process_group)
+        threshold = math.nan if found is None else found[0]
+        for i, prune in found[1] if found else []:
+            self._apply_prune(params[i], group, prune)
+        if self.check_replicas is not None:
+            _check_replicas(self.check_replicas, threshold, group["optimizer_step"])
 
-    def _apply_prune(self, p, prune):
+    def _apply_prune(self, p, group, prune):
         """Zero the weights where `prune` (over p's scored positions) and shrink p's state."""
-        state, flat = self.state[p], flat_view(p)
+        state, flat = self.state[p], flat_view(local(p))
+        moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         if "kept_index" in state:  # already compact: `prune` indexes the kept weights
             flat[state["kept_index"][prune]] = 0
             keep = ~prune
-            for key in ("kept_index", "exp_avg", "exp_avg_sq"):
+            for key in ["kept_index"] + moments:
                 state[key] = state[key][keep]
             return
         flat.masked_fill_(prune, 0)
-        pruned_count = int(prune.sum())
-        # compact when it is cheaper: 12 B per kept weight < 8 B per weight + 4 B per pruned one
-        if 12 * (p.numel() - pruned_count) < 8 * p.numel() + 4 * pruned_count:
+        kept = flat.numel() - int(prune.sum())
+        # compact when it is smaller: an int32 index and the moments per kept weight, against
+        # the moments per weight
+        moment_bytes = len(moments) * flat.element_size()
+        if kept * (4 + moment_bytes) < flat.numel() * moment_bytes:
             kept_index = (~prune).nonzero().flatten().to(torch.int32)
-            state.pop("pruned_index", None)
             state["kept_index"] = kept_index
-            state["exp_avg"] = flat_view(state["exp_avg"])[kept_index]
-            state["exp_avg_sq"] = flat_view(state["exp_avg_sq"])[kept_index]
+            for key in moments:
+                state[key] = flat_view(state[key]).index_select(0, kept_index)
         else:
-            state["pruned_index"] = prune.nonzero().flatten().to(torch.int32)
+            for key in moments[1:]:  # v = +inf: the step of a pruned weight is zero from now on
+                flat_view(state[key]).masked_fill_(prune, math.inf)
+
+
+# --- several processes: FSDP2 shards, DDP replicas ---
+def _process_group(params):
+    """The process group over which these parameters are sharded (FSDP2), or None."""
+    meshes = {p.device_mesh for p in params if hasattr(p, "device_mesh")}
+    if not meshes:
+        return None
+    if len(meshes) > 1 or len(meshes) == 1 and len([p for p in params if hasattr(p, "device_mesh")]) != len(params):
+        raise RuntimeError("AdamWPrune: the prunable tensors of a param group must all be sharded over "
+                           "one device mesh (or none of them): put the others in a group of their own")
+    mesh = meshes.pop()
+    placements = {str(placement) for p in params for placement in p.placements}
+    if mesh.ndim != 1 or placements != {"Shard(dim=0)"}:
+        raise RuntimeError(f"AdamWPrune: sharded parameters must be Shard(0) on a 1-D mesh (FSDP2's "
+                           f"fully_shard); got {sorted(placements)} on a {mesh.ndim}-D mesh")
+    return mesh.get_group()
+
+
+def _check_replicas(group, threshold, step):
+    """Raise on every rank unless every rank of `group` found the same threshold (its bits)."""
+    bits = torch.tensor(threshold, dtype=torch.float32).view(torch.int32).item()
+    low_high = torch.tensor([-bits, bits], dtype=torch.int64,
+                            device="cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu")
+    torch.distributed.all_reduce(low_high, op=torch.distributed.ReduceOp.MAX, group=group)
+    if -int(low_high[0]) != int(low_high[1]):
+        raise RuntimeError(f"AdamWPrune: replicas disagree on the mask after step {step}: their thresholds "
+                           "differ; ranks passed as check_replicas must hold identical weights and gradients (DDP)")
