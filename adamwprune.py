@@ -108,20 +108,20 @@ def target_count(sparsity, numel):
     return max(0, min(round(sparsity * numel), numel - 1))
 
 
-def importance_score(importance, weight, exp_avg, exp_avg_sq, eps):
-    """Importance of each weight (higher = keep), as a new float32 tensor.
+def importance_score(importance, weight, exp_avg, exp_avg_sq, eps, out=None):
+    """Importance of each weight (higher = keep), as a float32 tensor: `out`, or a new one.
 
-    Each chain allocates one tensor and then works in place: that tensor is the whole
+    Each chain copies one operand into that tensor and then works in place: it is the whole
     transient memory of a score."""
-    f32 = dict(dtype=torch.float32, copy=True)
+    out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if out is None else out
     if importance == "hybrid":  # |w * m| * |w| / (sqrt(v) + eps)
-        score = exp_avg_sq.to(**f32).sqrt_().add_(eps).reciprocal_()
+        score = out.copy_(exp_avg_sq).sqrt_().add_(eps).reciprocal_()
         return score.mul_(exp_avg).mul_(weight).mul_(weight).abs_()
     if importance == "variance":  # |w| * v^(1/4)
-        return exp_avg_sq.to(**f32).pow_(0.25).mul_(weight).abs_()
+        return out.copy_(exp_avg_sq).pow_(0.25).mul_(weight).abs_()
     if importance == "momentum":  # |w| * sqrt(|m|)
-        return exp_avg.to(**f32).abs_().sqrt_().mul_(weight).abs_()
-    return weight.to(**f32).abs_()  # magnitude: |w|
+        return out.copy_(exp_avg).abs_().sqrt_().mul_(weight).abs_()
+    return out.copy_(weight).abs_()  # magnitude: |w|
 
 
 def flat_view(tensor):
@@ -151,8 +151,8 @@ def lowest_k(score_fns, k, device, unscored=0, group=None):
     Scores below the threshold are marked, and as many equal to it as make k, by position
     (tensor by tensor; within a tensor rank by rank, then in memory order).
 
-    score_fns[i]() returns a new 1-D float32 tensor on `device`, -inf where a weight is already
-    pruned; it is called once per pass and overwritten. `unscored` counts pruned weights that
+    score_fns[i]() returns a 1-D float32 tensor on `device`, -inf where a weight is already
+    pruned, which this overwrites (it may reuse one buffer: each is read before the next call). `unscored` counts pruned weights that
     have no score: they rank lowest. With a process group, every rank holds shards of the same
     tensors, and the counts of each pass are summed over the group in the same collectives on
     every rank. None when the k lowest are all pruned already, or when a score is NaN or +inf
@@ -382,7 +382,7 @@ class AdamWPrune(torch.optim.Optimizer):
     def _adamw_step(self, group):
         dense = ([], [], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
         compact = ([], [], [], [], [], [])  # the same for kept weights, with changes in place of params
-        compacted, kept_indices = [], []
+        compacted = []  # (param, grad, kept_index)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -392,18 +392,12 @@ class AdamWPrune(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, group)
-            param, grad = local(p), local(p.grad)
+            lists = compact if "kept_index" in state else dense
             if "kept_index" in state:
-                if grad.stride() != param.stride():  # flat views must index both the same way
-                    grad = torch.empty_like(param).copy_(grad)
-                grad = flat_view(grad).index_select(0, state["kept_index"])
-                compacted.append(param)
-                kept_indices.append(state["kept_index"])
-                param, lists = torch.zeros_like(grad), compact
+                compacted.append((local(p), local(p.grad), state["kept_index"]))
             else:
-                lists = dense
-            lists[0].append(param)
-            lists[1].append(grad)
+                lists[0].append(local(p))
+                lists[1].append(local(p.grad))
             lists[2].append(state["exp_avg"])
             lists[3].append(state["exp_avg_sq"])
             if group["amsgrad"]:
@@ -414,14 +408,32 @@ class AdamWPrune(torch.optim.Optimizer):
                        maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
         if dense[0]:
             adamw(*dense, weight_decay=group["weight_decay"], **options)
-        if compacted:
-            # decay every weight (pruned ones are zero and stay zero); the rest of the AdamW step,
-            # computed for the kept weights from a change of zero, is added at kept_index
-            for param in compacted:
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-            adamw(*compact, weight_decay=0.0, **options)
-            for param, kept_index, change in zip(compacted, kept_indices, compact[0]):
-                flat_view(param).index_add_(0, kept_index, change)
+        if not compacted:
+            return
+        # Compacted tensors: the kept gradients are gathered, and the AdamW change of the kept
+        # weights is computed from zero, in one block per device and dtype (one allocation a
+        # step: on the CPU, fresh pages for many large ones cost more than the gathers). Decay
+        # scales the whole tensor (pruned weights are zero and stay zero); the change is added
+        # at kept_index.
+        sizes = {}
+        for param, _, kept_index in compacted:
+            sizes.setdefault((param.device, param.dtype), []).append(kept_index.numel())
+        blocks = {}
+        for (device, dtype), numels in sizes.items():
+            block = torch.empty(2, sum(numels), dtype=dtype, device=device)
+            block[0].zero_()
+            blocks[device, dtype] = iter(block.split(numels, dim=1))  # (change, gradient) pairs
+        for param, grad, kept_index in compacted:
+            change, kept_grad = next(blocks[param.device, param.dtype])
+            if grad.stride() != param.stride():  # flat views must index both the same way
+                grad = torch.empty_like(param).copy_(grad)
+            torch.index_select(flat_view(grad), 0, kept_index, out=kept_grad)
+            compact[0].append(change)
+            compact[1].append(kept_grad)
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+        adamw(*compact, weight_decay=0.0, **options)
+        for (param, _, kept_index), change in zip(compacted, compact[0]):
+            flat_view(param).index_add_(0, kept_index, change)
 
     def _init_state(self, p, group):
         param, state = local(p), self.state[p]
@@ -445,19 +457,22 @@ class AdamWPrune(torch.optim.Optimizer):
         state = self.state.get(p, {})
         if "kept_index" in state:
             return local(p).numel() - state["kept_index"].numel()
-        return int((state["exp_avg_sq"] == math.inf).sum()) if "exp_avg_sq" in state else 0
+        return int((state["exp_avg_sq"] == math.inf).count_nonzero()) if "exp_avg_sq" in state else 0
 
-    def _score(self, p, group):
-        """Importance of p's scored positions (float32, flat): all of them, or the kept ones."""
+    def _score(self, p, group, scratch, has_pruned):
+        """Importance of p's scored positions (float32, flat): all of them, or the kept ones;
+        written into `scratch`, a buffer as large as the group's largest tensor."""
         state = self.state[p]
         weight, exp_avg, exp_avg_sq = flat_view(local(p)), state["exp_avg"], state["exp_avg_sq"]
         if "kept_index" in state:
-            score = importance_score(group["importance"], weight.index_select(0, state["kept_index"]),
-                                     exp_avg, exp_avg_sq, group["eps"])
-            return score
-        exp_avg_sq = flat_view(exp_avg_sq)
-        score = importance_score(group["importance"], weight, flat_view(exp_avg), exp_avg_sq, group["eps"])
-        return score.masked_fill_(exp_avg_sq == math.inf, -math.inf)
+            weight = weight.index_select(0, state["kept_index"])
+        else:
+            exp_avg, exp_avg_sq = flat_view(exp_avg), flat_view(exp_avg_sq)
+        score = importance_score(group["importance"], weight, exp_avg, exp_avg_sq, group["eps"],
+                                 out=scratch[:weight.numel()])
+        if has_pruned and "kept_index" not in state:  # a dense tensor's pruned weights: v = +inf
+            score.masked_fill_(exp_avg_sq == math.inf, -math.inf)
+        return score
 
     def _update_masks(self, group):
         params = [p for p in group["params"] if self._prunable(p, group)]
@@ -471,8 +486,11 @@ class AdamWPrune(torch.optim.Optimizer):
                                     group["prune_start"], group["prune_end"])
         k = target_count(target, sum(p.numel() for p in params))  # p.numel(): the whole tensor
         unscored = sum(self._pruned_count(p) for p in params if "kept_index" in self.state[p])
-        score_fns = [lambda p=p: self._score(p, group) for p in params]
-        found = lowest_k(score_fns, k, local(params[0]).device, unscored, process_group)
+        device = local(params[0]).device
+        scratch = torch.empty(max(local(p).numel() for p in params), dtype=torch.float32, device=device)
+        has_pruned = {p: "kept_index" not in self.state[p] and self._pruned_count(p) > 0 for p in params}
+        score_fns = [lambda p=p: self._score(p, group, scratch, has_pruned[p]) for p in params]
+        found = lowest_k(score_fns, k, device, unscored, process_group)
         threshold = math.nan if found is None else found[0]
         for i, prune in found[1] if found else []:
             self._apply_prune(params[i], group, prune)
@@ -483,25 +501,26 @@ class AdamWPrune(torch.optim.Optimizer):
         """Zero the weights where `prune` (over p's scored positions) and shrink p's state."""
         state, flat = self.state[p], flat_view(local(p))
         moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-        if "kept_index" in state:  # already compact: `prune` indexes the kept weights
-            flat[state["kept_index"][prune]] = 0
-            keep = ~prune
-            for key in ["kept_index"] + moments:
-                state[key] = state[key][keep]
-            return
-        flat.masked_fill_(prune, 0)
-        kept = flat.numel() - int(prune.sum())
-        # compact when it is smaller: an int32 index and the moments per kept weight, against
-        # the moments per weight
-        moment_bytes = len(moments) * flat.element_size()
-        if kept * (4 + moment_bytes) < flat.numel() * moment_bytes:
-            kept_index = (~prune).nonzero().flatten().to(torch.int32)
-            state["kept_index"] = kept_index
+        compact = "kept_index" in state
+        if not compact:
+            # compact when it is smaller: an int32 index and the moments per kept weight, against
+            # the moments per weight
+            kept = flat.numel() - int(prune.count_nonzero())
+            moment_bytes = len(moments) * flat.element_size()
+            if kept * (4 + moment_bytes) >= flat.numel() * moment_bytes:
+                flat.masked_fill_(prune, 0)
+                for key in moments[1:]:  # v = +inf: the step of a pruned weight is zero from now on
+                    flat_view(state[key]).masked_fill_(prune, math.inf)
+                return
             for key in moments:
-                state[key] = flat_view(state[key]).index_select(0, kept_index)
-        else:
-            for key in moments[1:]:  # v = +inf: the step of a pruned weight is zero from now on
-                flat_view(state[key]).masked_fill_(prune, math.inf)
+                state[key] = flat_view(state[key])
+        kept_at = (~prune).nonzero().flatten()  # among the scored positions
+        kept_index = state["kept_index"].index_select(0, kept_at) if compact else kept_at.to(torch.int32)
+        for key in moments:
+            state[key] = state[key].index_select(0, kept_at)
+        state["kept_index"] = kept_index
+        kept_weights = flat.index_select(0, kept_index)
+        flat.zero_().index_add_(0, kept_index, kept_weights)  # (faster than a masked fill)
 
 
 # --- several processes: FSDP2 shards, DDP replicas ---
