@@ -46,7 +46,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adamwprune import IMPORTANCES, AdamWPrune, scheduled_sparsity
+from adamwprune import IMPORTANCES, AdamWPrune, lowest_k, scheduled_sparsity, target_count
 import memory
 import plot
 from models import build_model
@@ -439,9 +439,10 @@ class GradualPruning:
 
     Mask updates happen after optimizer steps prune_start, prune_start + prune_every, ... and
     at prune_end, like AdamWPrune's: the weights with the lowest scores among those still kept
-    are pruned until exactly round(s(t) * N) are (ties by position), and every pruned weight
+    are pruned until exactly k = target_count(s(t), N) are (ties by position; AdamWPrune's own
+    threshold routine, so exact and global the same way), and every pruned weight
     is set to zero after every optimizer step. Keeps a bool mask per tensor (1 B per weight);
-    subclasses say how weights score."""
+    subclasses say how the weights of tensor i score (tensor_scores)."""
 
     def __init__(self, params, sparsity, prune_start, prune_end, prune_every, schedule=SCHEDULE):
         self.params = [p for p in params if p.dim() >= 2]
@@ -457,23 +458,20 @@ class GradualPruning:
     def step(self):
         """Called after every optimizer step: update the masks when due, then zero pruned weights."""
         self.optimizer_step = t = self.optimizer_step + 1
-        if t >= self.prune_start and ((t - self.prune_start) % self.prune_every == 0 or t == self.prune_end):
+        if self.prune_start <= t <= self.prune_end and (
+                (t - self.prune_start) % self.prune_every == 0 or t == self.prune_end):
             target = scheduled_sparsity(t, self.sparsity, self.schedule, self.prune_start, self.prune_end)
             self.update_masks(target)
         for p, mask in zip(self.params, self.masks):
             p.mul_(mask)
 
     def update_masks(self, target):
-        sizes = [mask.numel() for mask in self.masks]
-        k = round(target * sum(sizes))
-        if k <= sum(int((~mask).sum()) for mask in self.masks):
-            return
-        scores = torch.cat([s.flatten().masked_fill(~m.flatten(), -math.inf)
-                            for s, m in zip(self.scores(), self.masks)])  # (N,): the pruned at -inf
-        prune = torch.zeros_like(scores, dtype=torch.bool)  # (N,) over all prunable weights
-        prune[torch.sort(scores, stable=True).indices[:k]] = True  # the k lowest, ties by position
-        for mask, chunk in zip(self.masks, prune.split(sizes)):
-            mask &= ~chunk.view(mask.shape)
+        k = target_count(target, sum(mask.numel() for mask in self.masks))
+        score_fns = [lambda i=i: self.tensor_scores(i).flatten().float().masked_fill(
+            ~self.masks[i].flatten(), -math.inf) for i in range(len(self.masks))]  # the pruned at -inf
+        found = lowest_k(score_fns, k, self.masks[0].device) if self.masks else None
+        for i, prune in found[1] if found else []:
+            self.masks[i] &= ~prune.view(self.masks[i].shape)
 
     def buffers(self):
         """The tensors this method keeps: for memory accounting, and all of its state but the clock."""
@@ -492,8 +490,8 @@ class GradualPruning:
 class MagnitudePruning(GradualPruning):
     """Prunes the smallest |w|. Keeps the mask only."""
 
-    def scores(self):
-        return [p.abs() for p in self.params]
+    def tensor_scores(self, i):
+        return self.params[i].abs()
 
 
 # Movement pruning: Sanh, Wolf & Rush 2020, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" (2005.07683)
@@ -516,8 +514,8 @@ class MovementPruning(GradualPruning):
             if p.grad is not None:
                 score.addcmul_(p.grad, p, value=-1)
 
-    def scores(self):
-        return self.score
+    def tensor_scores(self, i):
+        return self.score[i]
 
     def buffers(self):
         return self.masks + self.score
