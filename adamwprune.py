@@ -526,17 +526,17 @@ class AdamWPrune(torch.optim.Optimizer):
 # --- several processes: FSDP2 shards, DDP replicas ---
 def _process_group(params):
     """The process group over which these parameters are sharded (FSDP2), or None."""
-    meshes = {p.device_mesh for p in params if hasattr(p, "device_mesh")}
-    if not meshes:
+    sharded = [p for p in params if hasattr(p, "device_mesh")]
+    if not sharded:
         return None
-    if len(meshes) > 1 or len(meshes) == 1 and len([p for p in params if hasattr(p, "device_mesh")]) != len(params):
+    meshes = {p.device_mesh for p in sharded}
+    if len(meshes) > 1 or len(sharded) != len(params):
         raise RuntimeError("AdamWPrune: the prunable tensors of a param group must all be sharded over "
-                           "one device mesh (or none of them): put the others in a group of their own")
+                           "one device mesh, or none of them: give the others a param group of their own")
     mesh = meshes.pop()
-    placements = {str(placement) for p in params for placement in p.placements}
-    if mesh.ndim != 1 or placements != {"Shard(dim=0)"}:
-        raise RuntimeError(f"AdamWPrune: sharded parameters must be Shard(0) on a 1-D mesh (FSDP2's "
-                           f"fully_shard); got {sorted(placements)} on a {mesh.ndim}-D mesh")
+    if mesh.ndim != 1 or not all(placement.is_shard(0) for p in sharded for placement in p.placements):
+        raise RuntimeError("AdamWPrune: sharded parameters must be Shard(0) on a 1-D mesh, as FSDP2's "
+                           f"fully_shard makes them; got {sharded[0].placements} on a {mesh.ndim}-D mesh")
     return mesh.get_group()
 
 
