@@ -376,6 +376,14 @@ class AdamWPrune(torch.optim.Optimizer):
             if "pruned_index" in state:  # an older AdamWPrune's dense mask: the v = +inf mask now
                 pruned = state.pop("pruned_index").to(p.device).long()
                 flat_view(state["exp_avg_sq"]).index_fill_(0, pruned, math.inf)
+            saved_on, loaded_on = tuple(state.get("shard", ())), _shard_of(p)
+            if saved_on != loaded_on:
+                where = lambda shard: f"rank {shard[0]} of {shard[1]}" if shard else "an unsharded parameter"
+                raise RuntimeError(
+                    f"AdamWPrune: optimizer state saved on {where(saved_on)} is loaded on {where(loaded_on)}: "
+                    "under FSDP2 each rank saves and loads its own optimizer.state_dict() (torch.save, one "
+                    "file per rank), at the same world size. torch.distributed.checkpoint keeps only one "
+                    "rank's copy of AdamWPrune's per-rank state, so it cannot be used")
 
     # --- the AdamW step ---
 
@@ -445,6 +453,8 @@ class AdamWPrune(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if group["amsgrad"]:  # the largest v so far, v_max
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if hasattr(p, "device_mesh"):  # a shard's state is this rank's alone: (rank, ranks)
+            state["shard"] = _shard_of(p)
 
     # --- pruning ---
 
@@ -538,6 +548,11 @@ def _process_group(params):
         raise RuntimeError("AdamWPrune: sharded parameters must be Shard(0) on a 1-D mesh, as FSDP2's "
                            f"fully_shard makes them; got {sharded[0].placements} on a {mesh.ndim}-D mesh")
     return mesh.get_group()
+
+
+def _shard_of(p):
+    """(rank, ranks) of a sharded parameter's mesh; () for a plain tensor."""
+    return (p.device_mesh.get_local_rank(), p.device_mesh.size()) if hasattr(p, "device_mesh") else ()
 
 
 def _check_replicas(group, threshold, step):

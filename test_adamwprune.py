@@ -1467,3 +1467,149 @@ def test_results_are_written_readable_by_others(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
 
+
+
+# --- several processes: FSDP2 shards and DDP replicas (2 ranks on gloo, fork-started) ---
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _on_rank(rank, world_size, port, fn, args):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        fn(rank, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_two_ranks(fn, *args):
+    """Run fn(rank, *args) in two processes joined by a gloo group; an error in one fails the test."""
+    torch.multiprocessing.start_processes(_on_rank, args=(2, free_port(), fn, args), nprocs=2,
+                                          start_method="fork")
+
+
+def uneven_net():
+    """33 rows split 17/16, and a last layer of one row: rank 1's shard of it is empty."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 33), nn.ReLU(), nn.Linear(33, 7), nn.ReLU(), nn.Linear(7, 1))
+
+
+def sharded(model):
+    from torch.distributed.fsdp import fully_shard
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def train_steps(model, opt, steps, start=0):
+    for t in range(start, steps):
+        x = torch.randn(16, 12, generator=torch.Generator().manual_seed(t))  # the same batch on every rank
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+PRUNING = dict(lr=1e-2, sparsity=0.7, prune_start=2, prune_end=8, prune_every=2)
+
+
+def _prunes_like_one_process(rank, out):
+    reference = uneven_net()
+    reference_opt = AdamWPrune(reference.parameters(), **PRUNING)
+    train_steps(reference, reference_opt, 12)
+    model = sharded(uneven_net())
+    opt = AdamWPrune(model.parameters(), **PRUNING)
+    train_steps(model, opt, 12)
+    assert model[4].weight.to_local().numel() == (7 if rank == 0 else 0)  # the empty shard
+    for p, q in zip(model.parameters(), reference.parameters()):
+        full = p.full_tensor()
+        assert torch.equal(full == 0, q == 0), "the same weights are pruned"
+        assert torch.allclose(full, q, atol=1e-6)
+    torch.save({"state_bytes": memory.optimizer_state_bytes(opt),
+                "reference_bytes": memory.optimizer_state_bytes(reference_opt)}, out / f"rank{rank}.pt")
+
+
+def test_fsdp2_prunes_exactly_the_weights_one_process_prunes_with_state_split_over_ranks(tmp_path):
+    on_two_ranks(_prunes_like_one_process, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    one_process_bytes = ranks[0]["reference_bytes"]
+    assert sum(r["state_bytes"] for r in ranks) <= one_process_bytes + 2 * 4 * 6  # + a step per shard
+    assert all(r["state_bytes"] < 0.6 * one_process_bytes for r in ranks)
+
+
+def _ties_cross_ranks_in_row_order(rank):
+    layer = nn.Linear(10, 9, bias=False)  # rows 0-4 on rank 0, 5-8 on rank 1
+    with torch.no_grad():
+        layer.weight.fill_(0.5)  # every score equal: ties decide everything
+    model = sharded(nn.Sequential(layer))
+    opt = AdamWPrune(model.parameters(), lr=0.0, weight_decay=0.0, sparsity=0.6, prune_start=1, prune_end=1)
+    model[0].weight.grad = torch.distributed.tensor.zeros(9, 10, device_mesh=model[0].weight.device_mesh,
+                                                          placements=model[0].weight.placements)
+    opt.step()
+    pruned = (model[0].weight.full_tensor() == 0).flatten()
+    assert torch.equal(pruned.nonzero().flatten(), torch.arange(54))  # the first 54 in row order
+
+
+def test_fsdp2_breaks_ties_in_the_order_one_process_would():
+    on_two_ranks(_ties_cross_ranks_in_row_order)
+
+
+def _resume(rank, out):
+    model = sharded(uneven_net())
+    opt = AdamWPrune(model.parameters(), **PRUNING)
+    train_steps(model, opt, 14)
+    uninterrupted = [p.full_tensor() for p in model.parameters()]
+    model = sharded(uneven_net())
+    opt = AdamWPrune(model.parameters(), **PRUNING)
+    train_steps(model, opt, 6)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / f"rank{rank}.pt")
+    model = sharded(uneven_net())
+    opt = AdamWPrune(model.parameters(), **PRUNING)
+    saved = torch.load(out / f"rank{rank}.pt", weights_only=False)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    train_steps(model, opt, 14, start=6)
+    for p, q in zip(model.parameters(), uninterrupted):
+        assert torch.equal(p.full_tensor(), q)
+    torch.distributed.barrier()  # both files written
+    other_ranks = torch.load(out / f"rank{1 - rank}.pt", weights_only=False)["optimizer"]
+    with pytest.raises(RuntimeError, match="each rank saves and loads its own optimizer.state_dict"):
+        opt.load_state_dict(other_ranks)
+
+
+def test_fsdp2_resumes_bit_identically_from_each_ranks_state_dict_and_refuses_another_ranks(tmp_path):
+    on_two_ranks(_resume, tmp_path)
+
+
+def test_a_sharded_state_dict_loaded_at_another_world_size_is_refused(tmp_path):
+    on_two_ranks(_resume, tmp_path)
+    model = uneven_net()  # one process, no shards: the mesh check does not apply, the shapes do
+    saved = torch.load(tmp_path / "rank0.pt", weights_only=False)["optimizer"]
+    opt = AdamWPrune(model.parameters(), **PRUNING)
+    with pytest.raises(RuntimeError, match="each rank saves and loads its own optimizer.state_dict"):
+        opt.load_state_dict(saved)
+
+
+def _replicas_disagree(rank):
+    model = small_net(seed=rank)  # not replicas: each rank starts from other weights
+    opt = AdamWPrune(model.parameters(), sparsity=0.5, prune_start=1, prune_end=1,
+                     check_replicas=torch.distributed.group.WORLD)
+    random_grads(model.parameters(), 0)
+    with pytest.raises(RuntimeError, match="replicas disagree on the mask after step 1"):
+        opt.step()
+    same = small_net(seed=0)
+    opt = AdamWPrune(same.parameters(), sparsity=0.5, prune_start=1, prune_end=1,
+                     check_replicas=torch.distributed.group.WORLD)
+    random_grads(same.parameters(), 0)
+    opt.step()  # identical replicas pass the check
+
+
+def test_the_replica_check_raises_when_ddp_ranks_disagree():
+    on_two_ranks(_replicas_disagree)
