@@ -1,81 +1,64 @@
 # SPDX-License-Identifier: MIT
 """
 AdamWPrune: AdamW that prunes weights during training, ranking them by its own Adam states.
+Copy this file into your project: it needs nothing but torch. It takes torch.optim.AdamW's
+arguments, loads its state_dict, and works on FSDP2-sharded parameters as they are.
 
-Copy this file into your project: it needs nothing but torch.
-
-Usage
     optimizer = AdamWPrune(model.parameters(), lr=1e-3, sparsity=0.7,
-                           prune_start=200, prune_end=2000, prune_every=50)
-    for x, y in loader:
-        optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-    overall, per_tensor = optimizer.sparsity()   # fraction pruned, {parameter: fraction}
+                           prune_start=200, prune_end=2000, prune_every=50)  # in optimizer steps
+    ...  # zero_grad, backward, optimizer.step() as with AdamW
+    overall, per_tensor = optimizer.sparsity()  # fraction pruned, {parameter: fraction}
 
-    It takes torch.optim.AdamW's arguments (amsgrad, maximize, foreach, fused) and loads its
-    state_dict. Parameters sharded by FSDP2's fully_shard need nothing more (see Caveats).
-
-Algorithm. Each parameter p counts its own steps n_p (AdamW's bias correction); each param group
-counts optimizer steps c (the pruning clock). w weight, g gradient, m = exp_avg, v = exp_avg_sq.
-    1. AdamW on every parameter that has a gradient, with n_p <- n_p + 1:
+Algorithm. A parameter counts its own steps n (AdamW's bias correction); a param group counts
+optimizer steps c (the pruning clock). w weight, g gradient, m = exp_avg, v = exp_avg_sq.
+    1. AdamW on every parameter that has a gradient, n <- n + 1:
            w <- w * (1 - lr * weight_decay)
            m <- beta1 * m + (1 - beta1) * g
            v <- beta2 * v + (1 - beta2) * g * g          (amsgrad: v_max <- max(v_max, v))
-           w <- w - lr * (m / (1 - beta1^n_p)) / (sqrt(v / (1 - beta2^n_p)) + eps)
-       The arithmetic is torch's own: the class gathers lists and calls the functional
-       torch.optim.adamw.adamw, whose fused kernel runs where the device supports it. A pruned
-       weight of a dense tensor has w = 0 and v = +inf, so its step is exactly zero (m / inf)
-       and decay keeps it at zero. A compacted tensor is decayed whole (pruned weights stay
-       zero); the rest of the step runs on its kept weights alone, from their gathered
+           w <- w - lr * (m / (1 - beta1^n)) / (sqrt(v / (1 - beta2^n)) + eps)
+       The class gathers lists; torch's functional torch.optim.adamw.adamw does the arithmetic,
+       in its fused kernel where the device has one. A pruned weight of a dense tensor has w = 0
+       and v = +inf, so its step is exactly zero. A compacted tensor is decayed whole (pruned
+       weights are zero); the rest of its step runs on the kept weights, from their gathered
        gradients, and is added back at kept_index.
-    2. If c >= prune_start and c is on the prune_every grid (or c = prune_end), for the
-       prunable tensors (2 or more dimensions, unless the group says `prune`):
-       a. target count k = min(round(s(c) * N), N - 1), N prunable weights (one always stays):
+    2. If prune_start <= c <= prune_end, on the prune_every grid or at prune_end, for the
+       prunable tensors (2 or more dimensions, unless the group sets `prune`):
+       a. k = min(round(s(c) * N), N - 1) of the N prunable weights, one always kept:
               cubic:  s(c) = sparsity * (1 - (1 - (c - prune_start) / (prune_end - prune_start))^3)
               linear: s(c) = sparsity * (c - prune_start) / (prune_end - prune_start)
-       b. score each weight from (w, m, v) alone, higher = more important:
-              magnitude |w|                              (the default)
-              variance  |w| * v^(1/4)
-              hybrid    |w * m| * |w| / (sqrt(v) + eps)
-              momentum  |w| * sqrt(|m|)
-          Already-pruned weights score -inf, so a mask never un-prunes. A prunable weight that
-          never had a gradient has m = v = 0: the state scores rank it lowest, magnitude by |w|.
-       c. find the k lowest scores of all tensors (ties broken by position) by a radix select
-          on the float32 bit patterns: pass 1 counts the high 16 bits, pass 2 the low 16 bits
-          inside the chosen bucket, pass 3 marks. One tensor's scores exist at a time.
-       d. prune: w <- 0, v <- +inf. Once compact state is smaller for the tensor's dtype (for
-          fp32: more than a third pruned, a quarter with amsgrad), keep kept_index (int32) and
-          m, v of the kept weights only.
+       b. score each weight from (w, m, v), higher = more important: magnitude |w| (the
+          default), variance |w| * v^(1/4), hybrid |w * m| * |w| / (sqrt(v) + eps), momentum
+          |w| * sqrt(|m|). Pruned weights score -inf: a mask never un-prunes. A weight that never
+          had a gradient has m = v = 0: the state scores rank it lowest, magnitude by |w|.
+       c. find the k lowest scores of all tensors, ties by position, by a radix select on the
+          float32 bits: pass 1 counts the high 16 bits, pass 2 the low 16 bits inside the bin
+          of the k-th, pass 3 marks. One tensor's scores exist at a time.
+       d. prune: w <- 0, v <- +inf. Once compact state is smaller for the tensor's dtype (fp32:
+          over a third pruned, a quarter with amsgrad), keep kept_index (int32) and the moments
+          of the kept weights only.
 
-Memory: optimizer state per prunable element (fp32 parameters; amsgrad adds v_max like v)
-    phase                          AdamW   AdamWPrune
-    before prune_start             8 B     8 B (m, v): nothing extra
-    sparsity s <= 1/3              8 B     8 B: the mask is v = +inf, no extra buffer
-    sparsity s > 1/3 (compact)     8 B     12 (1 - s) B: kept_index, m, v of kept weights
-    at s = 0.7                     8 B     3.6 B (amsgrad: 4.8 B, AdamW's 12 B)
-    transient, a mask update       -       one tensor's scores (4 B per element, turned into
-                                           histogram bins in place), plus 5 B per element of
-                                           it (gathered weights, a bool mask) at most
-    transient, a step              -       gathered gradients and the kept weights' change:
-                                           2 x 4 B per kept weight of compacted tensors
+Memory: optimizer state per prunable weight (fp32; amsgrad adds v_max, like v)
+    before prune_start             8 B (m, v), as AdamW: nothing extra
+    sparsity s <= 1/3              8 B: the mask is v = +inf
+    s > 1/3 (compact)              12 (1 - s) B: kept_index, m, v of the kept weights
+    at s = 0.7                     3.6 B (amsgrad: 4.8 B, where AdamW keeps 12 B)
+    transient, mask update         the largest tensor's scores and gathered weights (8 B per
+                                   element), one bool mask at a time, two 512 KiB histograms
+    transient, step                gathered gradients and changes: 8 B per kept compact weight
 
 Caveats
-    - One threshold per param group: put all prunable tensors in one group (the default) for
-      a global ranking; a group with its own `sparsity` is pruned to that fraction by itself.
-    - Pruning acts on the parameter values the optimizer sees: load pretrained weights before
-      the first mask update, and do not write into pruned weights afterwards.
+    - One threshold per param group: keep all prunable tensors in one group (the default) for a
+      global ranking; a group with its own `sparsity` is pruned to that fraction by itself.
+    - Masks act on the values the optimizer sees and index a tensor's memory: load pretrained
+      weights before the first mask update, and keep layouts (e.g. channels_last) fixed after.
     - Frozen parameters (requires_grad=False) are never pruned.
-    - Masks index a tensor's memory: keep a parameter's layout (e.g. channels_last) fixed once
-      pruning has begun.
-    - For bf16/fp16 parameters, a compacted tensor adds its AdamW change rounded to the
-      parameter's dtype: kept weights may differ from dense AdamW by one unit in the last place.
-    - FSDP2 (fully_shard, Shard(0) on a 1-D mesh): each rank steps and scores its local shard and
+    - bf16/fp16: a compacted tensor adds its change rounded to the parameter's dtype, so kept
+      weights may differ from dense AdamW by one unit in the last place.
+    - FSDP2 (fully_shard: Shard(0) on a 1-D mesh): each rank steps and scores its own shard and
       keeps compact state for it alone; each threshold pass sums its counts over the mesh's
-      process group, so the k pruned are those one process would prune. Every rank must call
-      step() (as FSDP2 requires anyway). sparsity() reports this rank's shards.
-    - DDP: every rank computes the same mask; pass check_replicas=<process group> to verify that
-      after every mask update (two small all-reduces).
+      group, so a sharded run prunes the weights one process would. Every rank calls step().
+      Save optimizer.state_dict() per rank; sparsity() reports this rank's shards.
+    - DDP: every rank computes the same mask; check_replicas verifies it.
     - Sparse gradients, capturable (CUDA graphs) and differentiable are not supported.
 
 References: AdamW, Loshchilov & Hutter 2019 (arXiv:1711.05101); the cubic schedule,
@@ -139,87 +122,79 @@ def local(tensor):
 BINS = 1 << 16  # one bin per value of 16 bits
 
 
-def _float_order(histogram):
-    """Bins indexed by (bits >> 16) + 2^15 reordered by float value: a negative float's bits
-    grow as it falls, so the lower half runs backwards."""
-    return torch.cat([histogram[:BINS // 2].flip(0), histogram[BINS // 2:]])
-
-
 def lowest_k(score_fns, k, device, unscored=0, group=None):
-    """The k lowest scores of all tensors: (threshold, [(i, prune), ...]), the list made one
-    tensor at a time as it is read, prune a bool tensor over the scores of score_fns[i]().
-    Scores below the threshold are marked, and as many equal to it as make k, by position
-    (tensor by tensor; within a tensor rank by rank, then in memory order).
+    """The k lowest scores of all tensors: (threshold, marks), marks yielding (i, prune) one
+    tensor at a time, prune a bool tensor over the scores of score_fns[i](). Scores below the
+    threshold are marked, and as many equal to it as make k, by position (tensor by tensor;
+    within a tensor rank by rank, then in memory order). None when the k lowest are pruned
+    already, or when a score is NaN or +inf (then with a warning).
 
-    score_fns[i]() returns a 1-D float32 tensor on `device`, -inf where a weight is already
-    pruned, which this overwrites (it may reuse one buffer: each is read before the next call). `unscored` counts pruned weights that
-    have no score: they rank lowest. With a process group, every rank holds shards of the same
-    tensors, and the counts of each pass are summed over the group in the same collectives on
-    every rank. None when the k lowest are all pruned already, or when a score is NaN or +inf
-    (then with a warning, on every rank)."""
+    score_fns[i]() returns a 1-D float32 tensor on `device`, -inf where a weight is pruned,
+    which this overwrites (it may reuse a buffer: each is read before the next call).
+    `unscored` counts pruned weights without a score: they rank lowest. With a process group,
+    every rank holds shards of the same tensors; the counts of each pass are summed over it,
+    in the same collectives on every rank."""
 
     def summed_over_ranks(counts):  # the one place where ranks talk
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)
         return counts.cpu()
 
-    def scores(fn):  # -0.0 becomes 0.0, so that equal scores have equal bits
+    def scores(fn):  # -0.0 becomes 0.0: equal scores, equal bits
         return fn().add_(0.0)
 
-    # 1) a histogram of the high 16 bits, after the unscored; and how many tensors hold NaN or +inf
+    # 1) counts: the unscored, each bin of the high 16 bits, tensors with NaN or +inf scores
     counts = torch.zeros(BINS + 2, dtype=torch.int64, device=device)
     counts[0] = unscored
     for fn in score_fns:
         bits = scores(fn).view(torch.int32)
         if bits.numel():
             counts[BINS + 1] += (~(bits.view(torch.float32).max() < math.inf)).to(torch.int64)
-        bits.bitwise_right_shift_(16).add_(BINS // 2)  # each score's bin, in [0, 2^16)
-        counts[1:BINS + 1] += torch.bincount(bits, minlength=BINS)
+        counts[1:BINS + 1] += torch.bincount(bits.bitwise_right_shift_(16).add_(BINS // 2), minlength=BINS)
     counts = summed_over_ranks(counts)
     if counts[BINS + 1]:
         warnings.warn("AdamWPrune: non-finite importance scores; mask update skipped "
                       "(check for inf/nan weights or gradients)")
         return None
-    at_or_below = torch.cat([counts[:1], _float_order(counts[1:BINS + 1])]).cumsum(0)
+    # by value: a negative float's bits grow as it falls, so the lower half of the bins runs backwards
+    at_or_below = torch.cat([counts[:1], counts[1:BINS // 2 + 1].flip(0), counts[BINS // 2 + 1:BINS + 1]]).cumsum(0)
     position = int(torch.searchsorted(at_or_below, k))  # 0: the unscored, else 1 + a bin by value
     if position == 0:
         return None
-    high = -position if position <= BINS // 2 else position - 1 - BINS // 2  # its high bits, signed
-    count_below = int(at_or_below[position - 1])
-    # 2) a histogram of the low 16 bits inside that bin
+    high = -position if position <= BINS // 2 else position - 1 - BINS // 2  # that bin's high bits
+    below = int(at_or_below[position - 1])
+    del counts, at_or_below
+    # 2) counts of the low 16 bits inside that bin
     counts = torch.zeros(BINS + 2, dtype=torch.int64, device=device)
     for fn in score_fns:
         bits = scores(fn).view(torch.int32).sub_(high << 16).clamp_(-1, BINS).add_(1)  # 1 + low bits
         counts += torch.bincount(bits, minlength=BINS + 2)
     inside = summed_over_ranks(counts)[1:BINS + 1]
     inside = inside.flip(0) if high < 0 else inside  # by value
-    at_or_below = inside.cumsum(0) + count_below
+    at_or_below = inside.cumsum(0) + below
     position = int(torch.searchsorted(at_or_below, k))
     low = position if high >= 0 else BINS - 1 - position
     threshold = torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32).item()
     if threshold == -math.inf:
         return None
     equal = int(inside[position])
-    ties = k - (int(at_or_below[position]) - equal)  # how many of the scores equal to it go
-    # 3) mark: every score below the threshold, and the first `ties` of those equal to it
-    ties_before = None  # per tensor, on a shard: the ties in earlier tensors and on earlier ranks
+    ties = k - (int(at_or_below[position]) - equal)  # how many of those equal to it are pruned
+    # 3) marks; when only some of the equal scores go, shards need the ties on earlier ranks
+    ties_before = None
     if ties < equal and group is not None:
         mine = torch.tensor([int((scores(fn) == threshold).sum()) for fn in score_fns], device=device)
         every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
         torch.distributed.all_gather(every, mine, group=group)
         every = torch.stack(every).cpu()  # (ranks, tensors)
-        per_tensor = every.sum(0)
-        rank = torch.distributed.get_rank(group)
+        per_tensor, rank = every.sum(0), torch.distributed.get_rank(group)
         ties_before = (per_tensor.cumsum(0) - per_tensor + every[:rank].sum(0)).tolist()
 
     def marks():
         taken = 0
         for i, fn in enumerate(score_fns):
             score = scores(fn)
-            if ties == equal:
-                prune = score <= threshold
-            else:
-                prune = score < threshold
+            prune = score <= threshold if ties == equal else score < threshold
+            if ties < equal:
                 before = taken if ties_before is None else ties_before[i]
                 tied = (score == threshold).nonzero().flatten()[:max(0, ties - before)]
                 prune[tied] = True
@@ -230,43 +205,36 @@ def lowest_k(score_fns, k, device, unscored=0, group=None):
 
 
 # --- the optimizer ---
+CHECKS = [  # (option, allowed, what is allowed)
+    ("lr", lambda v: v >= 0.0, "must be >= 0"),
+    ("eps", lambda v: v >= 0.0, "must be >= 0"),
+    ("weight_decay", lambda v: v >= 0.0, "must be >= 0"),
+    ("capturable", lambda v: not v, "must be False: CUDA graphs cannot follow a state whose size changes"),
+    ("differentiable", lambda v: not v, "must be False: the masks are not differentiable"),
+    ("sparsity", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("importance", lambda v: v in IMPORTANCES, f"choose from {', '.join(IMPORTANCES)}"),
+    ("schedule", lambda v: v in SCHEDULES, f"choose from {', '.join(SCHEDULES)}"),
+    ("prune_start", lambda v: v >= 0, "must be >= 0"),
+    ("prune_every", lambda v: v >= 1, "must be >= 1"),
+    ("prune", lambda v: v in (None, True, False), "must be True, False or None for 2+ dims"),
+]
+
+
 def _check_options(o):
-    for name in ("lr", "eps", "weight_decay"):
-        if not o[name] >= 0.0:
-            raise ValueError(f"Invalid {name}: {o[name]} (must be >= 0)")
+    for name, allowed, rule in CHECKS:
+        if not allowed(o[name]):
+            raise ValueError(f"Invalid {name}: {o[name]!r} ({rule})")
     if len(o["betas"]) != 2:
         raise ValueError(f"Invalid betas: {o['betas']} (must be a pair (beta1, beta2))")
     for i, beta in enumerate(o["betas"]):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
-    for name in ("capturable", "differentiable"):
-        if o[name]:
-            raise ValueError(f"Invalid {name}: True (must be False: AdamWPrune changes the size of its "
-                             "state at mask updates, which CUDA graphs and autograd through the step cannot follow)")
     if o["fused"] and o["foreach"]:
-        raise ValueError("Invalid fused: True together with foreach=True (must choose one)")
-    if not 0.0 <= o["sparsity"] < 1.0:
-        raise ValueError(f"Invalid sparsity: {o['sparsity']} (must be in [0, 1))")
+        raise ValueError("Invalid fused: True with foreach=True (must choose one of the two)")
     if o["importance"] == "hybrid" and not o["eps"] > 0:
         raise ValueError(f"Invalid eps: {o['eps']} (must be > 0 for importance='hybrid', which divides by it)")
-    if o["importance"] not in IMPORTANCES:
-        raise ValueError(f"Invalid importance: {o['importance']!r} (choose from {', '.join(IMPORTANCES)})")
-    if o["schedule"] not in SCHEDULES:
-        raise ValueError(f"Invalid schedule: {o['schedule']!r} (choose from {', '.join(SCHEDULES)})")
-    if not o["prune_start"] >= 0:
-        raise ValueError(f"Invalid prune_start: {o['prune_start']} (must be >= 0)")
     if not o["prune_end"] >= o["prune_start"]:
         raise ValueError(f"Invalid prune_end: {o['prune_end']} (must be >= prune_start = {o['prune_start']})")
-    if not o["prune_every"] >= 1:
-        raise ValueError(f"Invalid prune_every: {o['prune_every']} (must be >= 1)")
-    if o["prune"] not in (None, True, False):
-        raise ValueError(f"Invalid prune: {o['prune']!r} (must be True, False or None for 2+ dims)")
-
-
-def _pick_kernel(group):
-    """fused=None: torch's fused kernel where it runs (CPU, CUDA), unless foreach was asked for."""
-    if group["fused"] is None and not group["foreach"]:
-        group["fused"] = all(local(p).device.type in ("cpu", "cuda") for p in group["params"])
 
 
 class AdamWPrune(torch.optim.Optimizer):
@@ -277,18 +245,17 @@ class AdamWPrune(torch.optim.Optimizer):
             `prune` (True/False) to choose its tensors (default: tensors of 2+ dimensions)
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as torch.optim.AdamW
             (defaults: 1e-3, (0.9, 0.999), 1e-8, 1e-2, False, False, None)
-        fused: torch's fused AdamW kernel; None picks it where every parameter is on the CPU or
-            CUDA and foreach is not set (default: None)
-        capturable, differentiable: accepted for AdamW's signature; must be False
+        fused: torch's fused kernel; None picks it where every parameter is on the CPU or CUDA,
+            unless foreach=True (default: None)
+        capturable, differentiable: AdamW's; must be False (default: False)
         sparsity: final fraction of prunable weights set to zero, in [0, 1) (default: 0.7)
         importance: magnitude, variance, hybrid or momentum (default: "magnitude"; see README.md)
         schedule: cubic or linear growth of sparsity (default: "cubic")
         prune_start: optimizer step where pruning starts (default: 200)
         prune_end: optimizer step where the final sparsity is reached (default: 2000)
         prune_every: optimizer steps between mask updates (default: 50)
-        check_replicas: a process group whose ranks hold the same parameters (DDP); after each
-            mask update they compare pruned counts and thresholds, and raise if any differ
-            (default: None, no check)
+        check_replicas: a process group whose ranks hold the same parameters (DDP): after each
+            mask update they compare thresholds and raise if any differ (default: None)
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -306,13 +273,13 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         _check_options({**self.defaults, **param_group})
-        param_group.setdefault("optimizer_step", 0)  # the pruning schedule's clock, c
+        param_group.setdefault("optimizer_step", 0)  # the pruning clock, c
         super().add_param_group(param_group)
-        _pick_kernel(self.param_groups[-1])
+        self._pick_kernel(self.param_groups[-1])
 
     def __setstate__(self, state):
-        # Loading a state_dict comes here: fill in group keys it lacks (torch.optim.AdamW's, or
-        # an older AdamWPrune's) with the defaults, the clock with the steps taken so far.
+        # load_state_dict comes here: group keys a state_dict lacks (torch.optim.AdamW's, an older
+        # AdamWPrune's) take the defaults, and the clock the steps taken so far
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -320,7 +287,12 @@ class AdamWPrune(torch.optim.Optimizer):
             steps = [int(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
             group.setdefault("optimizer_step", max(steps, default=0))
             _check_options(group)
-            _pick_kernel(group)
+            self._pick_kernel(group)
+
+    @staticmethod
+    def _pick_kernel(group):
+        if group["fused"] is None and not group["foreach"]:
+            group["fused"] = all(local(p).device.type in ("cpu", "cuda") for p in group["params"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -329,16 +301,15 @@ class AdamWPrune(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            group["optimizer_step"] += 1
+            group["optimizer_step"] = c = group["optimizer_step"] + 1
             self._adamw_step(group)
-            c = group["optimizer_step"]
             if group["sparsity"] > 0 and group["prune_start"] <= c <= group["prune_end"] and (
                     (c - group["prune_start"]) % group["prune_every"] == 0 or c == group["prune_end"]):
                 self._update_masks(group)
         return loss
 
     def sparsity(self):
-        """Fraction of prunable weights pruned: (overall, {parameter: fraction}); on this rank's shards."""
+        """Fraction of prunable weights pruned: (overall, {parameter: fraction}); this rank's shards."""
         counts = {p: (self._pruned_count(p), local(p).numel())
                   for group in self.param_groups for p in group["params"] if self._prunable(p, group)}
         numel = sum(n for _, n in counts.values())
@@ -358,7 +329,7 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         # torch's loader casts every state tensor of a float parameter to its dtype (see
-        # Optimizer._process_value_according_to_param_policy): indices must stay int32.
+        # Optimizer._process_value_according_to_param_policy): indices must stay int32
         indices = {pid: s["kept_index"] for pid, s in state_dict["state"].items() if "kept_index" in s}
         super().load_state_dict(state_dict)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
@@ -369,11 +340,11 @@ class AdamWPrune(torch.optim.Optimizer):
                 continue
             if pid in indices:
                 state["kept_index"] = indices[pid].to(p.device)
-            # steps: tensors, on the parameter's device for the fused kernel (AdamW keeps them
-            # on the CPU otherwise; an older AdamWPrune kept an int)
+            # steps as tensors, on the parameter's device for the fused kernel (AdamW keeps them
+            # on the CPU otherwise, an older AdamWPrune as ints)
             state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(
                 p.device if group["fused"] else "cpu")
-            if "pruned_index" in state:  # an older AdamWPrune's dense mask: the v = +inf mask now
+            if "pruned_index" in state:  # an older AdamWPrune's dense mask: v = +inf now
                 pruned = state.pop("pruned_index").to(p.device).long()
                 flat_view(state["exp_avg_sq"]).index_fill_(0, pruned, math.inf)
             saved_on, loaded_on = tuple(state.get("shard", ())), _shard_of(p)
@@ -418,11 +389,9 @@ class AdamWPrune(torch.optim.Optimizer):
             adamw(*dense, weight_decay=group["weight_decay"], **options)
         if not compacted:
             return
-        # Compacted tensors: the kept gradients are gathered, and the AdamW change of the kept
-        # weights is computed from zero, in one block per device and dtype (one allocation a
-        # step: on the CPU, fresh pages for many large ones cost more than the gathers). Decay
-        # scales the whole tensor (pruned weights are zero and stay zero); the change is added
-        # at kept_index.
+        # Compacted tensors: gathered kept gradients, and changes from zero, live in one block per
+        # device and dtype (one allocation a step: on the CPU, fresh pages for many large ones
+        # cost more than the gathers). Decay scales the whole tensor; the change goes in at kept_index.
         sizes = {}
         for param, _, kept_index in compacted:
             sizes.setdefault((param.device, param.dtype), []).append(kept_index.numel())
@@ -445,7 +414,7 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def _init_state(self, p, group):
         param, state = local(p), self.state[p]
-        # AdamW's step count n_p, a tensor where torch's kernels want it
+        # AdamW's step count n, a tensor where torch's kernels want it
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if group["fused"] else "cpu")
         # running average of the gradient, m (first moment)
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -453,7 +422,7 @@ class AdamWPrune(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if group["amsgrad"]:  # the largest v so far, v_max
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if hasattr(p, "device_mesh"):  # a shard's state is this rank's alone: (rank, ranks)
+        if hasattr(p, "device_mesh"):  # a shard's state is its rank's alone: (rank, ranks)
             state["shard"] = _shard_of(p)
 
     # --- pruning ---
@@ -470,8 +439,7 @@ class AdamWPrune(torch.optim.Optimizer):
         return int((state["exp_avg_sq"] == math.inf).count_nonzero()) if "exp_avg_sq" in state else 0
 
     def _score(self, p, group, scratch, has_pruned):
-        """Importance of p's scored positions (float32, flat): all of them, or the kept ones;
-        written into `scratch`, a buffer as large as the group's largest tensor."""
+        """Importance of p's scored positions (float32, flat), all or the kept ones, in `scratch`."""
         state = self.state[p]
         weight, exp_avg, exp_avg_sq = flat_view(local(p)), state["exp_avg"], state["exp_avg_sq"]
         if "kept_index" in state:
@@ -491,7 +459,6 @@ class AdamWPrune(torch.optim.Optimizer):
         for p in params:
             if not self.state[p]:
                 self._init_state(p, group)
-        process_group = _process_group(params)
         target = scheduled_sparsity(group["optimizer_step"], group["sparsity"], group["schedule"],
                                     group["prune_start"], group["prune_end"])
         k = target_count(target, sum(p.numel() for p in params))  # p.numel(): the whole tensor
@@ -500,21 +467,18 @@ class AdamWPrune(torch.optim.Optimizer):
         scratch = torch.empty(max(local(p).numel() for p in params), dtype=torch.float32, device=device)
         has_pruned = {p: "kept_index" not in self.state[p] and self._pruned_count(p) > 0 for p in params}
         score_fns = [lambda p=p: self._score(p, group, scratch, has_pruned[p]) for p in params]
-        found = lowest_k(score_fns, k, device, unscored, process_group)
-        threshold = math.nan if found is None else found[0]
+        found = lowest_k(score_fns, k, device, unscored, _process_group(params))
         for i, prune in found[1] if found else []:
             self._apply_prune(params[i], group, prune)
         if self.check_replicas is not None:
-            _check_replicas(self.check_replicas, threshold, group["optimizer_step"])
+            _check_replicas(self.check_replicas, found[0] if found else math.nan, group["optimizer_step"])
 
     def _apply_prune(self, p, group, prune):
         """Zero the weights where `prune` (over p's scored positions) and shrink p's state."""
         state, flat = self.state[p], flat_view(local(p))
         moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         compact = "kept_index" in state
-        if not compact:
-            # compact when it is smaller: an int32 index and the moments per kept weight, against
-            # the moments per weight
+        if not compact:  # compact when smaller: an int32 index and the moments per kept weight
             kept = flat.numel() - int(prune.count_nonzero())
             moment_bytes = len(moments) * flat.element_size()
             if kept * (4 + moment_bytes) >= flat.numel() * moment_bytes:

@@ -420,20 +420,22 @@ def test_lowest_k_marks_what_a_stable_sort_marks(kind):
 
 
 def test_lowest_k_reads_each_tensor_three_times_holding_one_tensors_scores_at_a_time():
-    # Eight tensors of 20,000 weights: a concatenation of all scores would be 640 kB.
+    # Eight tensors of 200,000 weights: a concatenation of all scores would be 6.4 MB.
+    n, k = 200_000, 700_000
     torch.manual_seed(0)
-    tensors = [(torch.randn(20_000), torch.randn(20_000), torch.rand(20_000)) for _ in range(8)]
+    tensors = [(torch.randn(n), torch.randn(n), torch.rand(n)) for _ in range(8)]
     calls = []
     score_fns = [lambda i=i, t=t: calls.append(i) or importance_score("variance", *t, 1e-8)
                  for i, t in enumerate(tensors)]
     with memory.TensorMemoryTracker() as tracker:
-        marks = [prune.clone() for _, prune in lowest_k(score_fns, 70_000, "cpu")[1]]
+        marks = [prune.clone() for _, prune in lowest_k(score_fns, k, "cpu")[1]]
     assert sorted(calls) == sorted(list(range(8)) * 3)  # three passes
-    largest_scores_bytes = 4 * 20_000
-    # one tensor's float32 scores, its bool marks, the histograms (2 x 512 KiB) and the marks kept here
-    assert tracker.peak_bytes <= largest_scores_bytes * 5 // 4 + 8 * 20_000 + 2 * 8 * 2**16 * 2 + 4096
+    scores_bytes, marks_bytes, histogram_bytes = 4 * n, 8 * n, 8 * 2**16  # a histogram: 512 KiB
+    # one tensor's float32 scores and bool marks, the marks kept here, and at most four histograms
+    assert tracker.peak_bytes <= scores_bytes * 5 // 4 + marks_bytes + 4 * histogram_bytes + 4096
+    assert tracker.peak_bytes < 8 * scores_bytes  # a concatenation of the scores alone
     everything = torch.cat([importance_score("variance", *t, 1e-8) for t in tensors])
-    assert torch.equal(torch.cat(marks), sorted_reference([everything], 70_000)[0])
+    assert torch.equal(torch.cat(marks), sorted_reference([everything], k)[0])
 
 
 def test_non_finite_scores_skip_the_mask_update_with_a_warning():
