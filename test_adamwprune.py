@@ -784,10 +784,11 @@ def test_bad_flags_stop_at_the_command_line_with_the_fix(capsys, flags, complain
     assert complaint in cli_error(capsys, flags)
 
 
-def test_defaults_follow_the_model_and_optimizer():
+def test_defaults_follow_the_model_and_optimizer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no results of earlier runs in the default folders
     config = train.parse_args([])
     assert (config["dataset"], config["optimizer"], config["pruning"], config["sparsity"]) == (
-        "mnist", "adamwprune", "state", 0.7)
+        "fashion-mnist", "adamwprune", "state", 0.7)
     assert config["out"] == os.path.join("results", "lenet5-adamwprune-state-0.7")
     steps = 10 * math.ceil(60000 / 128)
     assert 0 < config["prune_start"] < config["prune_end"] < steps

@@ -1,32 +1,19 @@
 """
 Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimizer and pruning method.
 
-    $ python train.py --dataset fashion-mnist                      # LeNet-5, AdamWPrune, 70% sparse
-    $ python train.py --dataset fashion-mnist --optimizer adamw    # the dense AdamW baseline
-    $ python train.py --dataset fashion-mnist --optimizer adamw --pruning movement
-    $ python train.py --dataset fashion-mnist --importance hybrid --sparsity 0.9
-    $ python train.py --model resnet18 --amp bf16                   # CIFAR-10 on a CUDA GPU
-    $ python train.py --dataset fashion-mnist --out results/fm --resume   # continue after a stop
-    $ python train.py --dataset fashion-mnist --dry-run             # one tiny pass, for CI
+    $ python train.py --optimizer adamwprune --sparsity 0.7   # LeNet-5 on Fashion-MNIST (the defaults)
+    $ python train.py --optimizer adamw                       # the dense AdamW baseline
+    $ python train.py --optimizer adamw --pruning movement
+    $ python train.py --importance variance --sparsity 0.9
+    $ python train.py --model resnet18 --amp bf16             # CIFAR-10 on a CUDA GPU
+    $ python train.py --out results/fm --resume               # continue after a stop
+    $ python train.py --dry-run                               # one tiny pass, for CI
+    $ python train.py --compare                               # every pairing of the study, with plots
 
 Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines,
 versions, and "final") and DIR/checkpoint.pt after each epoch. Accuracies are in percent.
 The data set lives on the device as uint8 tensors; batches are gathered, augmented (CIFAR-10)
-and normalised there: on Fashion-MNIST that is 0.1 ms of a 9 ms LeNet-5 step, and a train()
-step takes 1.01-1.10x the bare forward/backward/step loop (`measure_data_path`).
-
-Evidence for the defaults: LeNet-5 on Fashion-MNIST, 10 epochs of batch 128, on one thread of a
-shared 2-core x86-64 CPU (70-80 s a run); test accuracy (%) after the last epoch.
-    lr sweep, dense, seed 1
-        sgd 0.01 89.70, 0.03 90.05, 0.1 85.04     adam 1e-3 89.78, 3e-3 89.73
-        adamw 3e-4 88.46, 1e-3 89.63, 3e-3 89.70   adamwadv 1e-3 89.96, 3e-3 90.71
-        adamwspam 1e-3 89.61, 3e-3 88.60
-    the default recipe, seeds 1/2/3 (adamwprune with the variance score, the default then)
-        adamw, dense 89.63/89.69/89.62              adamwprune, 70% 89.56/89.36/89.39
-        adamw + movement, 70% 89.29/89.42/89.47     adamw + magnitude, 70% (seed 1) 89.74
-    --prune-end at 50/60/70% of the steps, seed 1 (adamwprune: variance score)
-        adamwprune 89.45/89.56/89.43               adamw + movement 89.18/89.29/89.32
-AdamWPrune's importance score is chosen by the ablation in README.md (--compare --ablation).
+and normalised there.
 """
 import argparse
 import collections
@@ -59,9 +46,9 @@ DATASETS = {  # mean and std: per channel, of the training images scaled to [0, 
     "cifar10": Dataset("CIFAR10", 3, 32, 10, 50000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 SYSTEM_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist
-DEFAULT_DATASET = {"lenet5": "mnist", "resnet18": "cifar10"}
+DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10"}  # Fashion-MNIST: also offline, from Debian
 DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50}  # resnet18: not measured on this project's CPU machines
-OPTIMIZERS = {  # name: (default learning rate, weight decay); lr picked by the sweep in the docstring
+OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in README.md
     "sgd": (0.03, 5e-4),  # momentum 0.9, L2 decay in the gradient
     "adam": (1e-3, 0.0),
     "adamw": (1e-3, 1e-2),  # decoupled decay, torch's default
