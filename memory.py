@@ -233,7 +233,7 @@ class Rig:
     def __init__(self, model_name, optimizer, pruning, sparsity, device):
         import train
         config = train.parse_args(["--model", model_name, "--optimizer", optimizer, "--pruning", pruning,
-                                   "--sparsity", str(sparsity), "--device", str(device)])
+                                   "--sparsity", str(sparsity), "--device", str(device)], writes=False)
         # prune at the first step straight to `sparsity`: the steady state after prune_end
         config.update(prune_start=1, prune_end=1, prune_every=1)
         torch.manual_seed(0)

@@ -767,16 +767,17 @@ def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeyp
     (["--sparsity", "1.0"], "[0, 1)"),
     (["--optimizer", "adamw", "--prune-every", "10"], "--prune-every"),
     (["--prune-end", "10000000"], "--prune-end"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--device", "gpu0"], "is not a device"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--lr", "-1"], "--lr: must be positive"),
+    (["--device", "gpu0"], "--device: takes auto, cpu, cuda or cuda:N, got 'gpu0'"),
     (["--device", "cpu", "--amp", "bf16"], "--amp bf16 runs on CUDA only"),
     (["--resume", "--out", "/nonexistent/run"], "no checkpoint"),
     (["--compare", "--lr", "0.1"], "drop --lr"),
     (["--compare", "--optimizer", "sgd"], "drop --optimizer"),
     (["--compare", "--sparsity", "0"], "(0, 1) for a comparison"),
     (["--sparsity", "0.5,0.9"], "add --compare"),
-    (["--sparsity", "half"], "--sparsity takes a number"),
+    (["--sparsity", "half"], "--sparsity: takes a number"),
     (["--ablation"], "add --compare"),
     (["--plot", "text"], "add --compare"),
 ])
@@ -807,7 +808,7 @@ def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_pa
     documented = {"config", "history", "sparsity_timeline", "memory", "wall_seconds", "environment", "final"}
     assert documented <= set(results)
     assert set(results["final"]) == {"test_accuracy", "sparsity", "peak_memory_bytes", "wall_seconds"}
-    assert {"python", "torch", "device"} <= set(results["environment"])
+    assert {"python", "torch", "torchvision", "device"} <= set(results["environment"])
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "sparsity"} <= set(results["history"][0])
     assert results["memory"]["peak_bytes"] == results["final"]["peak_memory_bytes"] > 0
@@ -852,11 +853,21 @@ def test_resume_after_a_stop_ends_like_an_uninterrupted_run(tiny_data, tmp_path,
     assert numbers(resumed) == numbers(uninterrupted)
 
 
-def test_resume_refuses_a_checkpoint_made_with_other_flags(tiny_data, tmp_path):
-    tiny_run(tiny_data, tmp_path, "--optimizer", "adamw")
+def test_resume_refuses_a_checkpoint_made_with_other_flags_and_names_them_as_typed(tiny_data, tmp_path):
+    tiny_run(tiny_data, tmp_path, "--optimizer", "adamw", "--pruning", "magnitude", "--sparsity", "0.7")
     with pytest.raises(SystemExit) as exit_info:
-        train.main(tiny_args(tiny_data, tmp_path, "--optimizer", "adamw", "--lr", "0.01", "--resume"))
-    assert "lr: 0.001 there, 0.01 now" in str(exit_info.value.code)
+        train.main(tiny_args(tiny_data, tmp_path, "--optimizer", "adamw", "--pruning", "magnitude",
+                             "--sparsity", "0.5", "--lr", "0.01", "--resume"))
+    message = str(exit_info.value.code)
+    assert "(--sparsity 0.7 there, 0.5 now, --lr 0.001 there, 0.01 now)" in message
+    assert "another --out" in message
+
+
+def test_a_run_in_out_is_never_overwritten_without_resume(tiny_data, tmp_path, capsys):
+    tiny_run(tiny_data, tmp_path, "--epochs", "1")
+    complaint = cli_error(capsys, tiny_args(tiny_data, tmp_path, "--epochs", "1")).splitlines()[-1]
+    assert complaint.endswith(f" error: {tmp_path} holds a run already (checkpoint.pt and results.json): "
+                              "add --resume to continue it, pass another --out, or delete that folder")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adamwadv", "adamwspam", "adamwprune"])
@@ -880,11 +891,12 @@ def test_flags_reach_the_run(tiny_data, tmp_path):
 def test_dry_run_is_one_epoch_of_two_batches_written_beside_real_results(tiny_data, tmp_path, monkeypatch,
                                                                          capsys):
     monkeypatch.chdir(tmp_path)
-    train.main(["--dataset", "mnist", "--data-dir", tiny_data, "--device", "cpu", "--dry-run"])
+    for _ in range(2):  # the second dry run overwrites the first
+        train.main(["--dataset", "mnist", "--data-dir", tiny_data, "--device", "cpu", "--dry-run"])
+        assert capsys.readouterr().out.count("\n") == 2  # an epoch line and the summary
     with open(os.path.join("results", "lenet5-adamwprune-state-0.7-dry-run", "results.json")) as f:
         results = json.load(f)
     assert len(results["history"]) == 1 and results["sparsity_timeline"][-1]["step"] == 2
-    assert capsys.readouterr().out.count("\n") == 2  # an epoch line and the summary
 
 
 def test_resnet18_trains_on_cifar_shaped_data(tmp_path, monkeypatch):

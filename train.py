@@ -70,145 +70,134 @@ TIMELINE_SAMPLES = 200  # memory and sparsity are sampled about this many times 
 DRY_RUN_BATCHES = 2  # --dry-run: one epoch of this many batches (and as many test images)
 
 
-def parse_args(argv=None):
-    """The command line as a config dict, every default resolved; bad input stops here."""
+def checked(convert, ok, rule):
+    """An argparse type: convert(text), kept when ok(value); otherwise argparse stops, quoting `rule`."""
+    def parse(text):
+        with contextlib.suppress(ValueError, RuntimeError):
+            if ok(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    return parse
+
+
+COUNT = checked(int, lambda n: n >= 1, "must be at least 1")
+POSITIVE = checked(float, lambda x: x > 0, "must be positive")
+SPARSITIES = checked(lambda text: [float(s) for s in text.split(",")], lambda ss: all(0 <= s < 1 for s in ss),
+                     "takes a number in [0, 1), or a list like 0.5,0.7,0.9 with --compare")
+DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes auto, cpu, cuda or cuda:N")
+
+
+def parse_args(argv=None, writes=True):
+    """The command line as a config dict, every default resolved; bad input stops here.
+
+    writes=False is for callers that write nothing to --out (memory.py's benchmarks): a run
+    already there is then no reason to stop."""
     p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
-    p.add_argument("--model", choices=("lenet5", "resnet18"), default="lenet5",
-                   help="network (default: lenet5)")
-    p.add_argument("--dataset", choices=tuple(DATASETS),
-                   help="data set (default: mnist for lenet5, cifar10 for resnet18)")
-    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune",
-                   help="optimizer (default: adamwprune)")
-    p.add_argument("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
-                   "(default: state for adamwprune, none otherwise)")
-    p.add_argument("--sparsity", metavar="S",
-                   help=f"final fraction of prunable weights (2+ dims) pruned, in [0, 1); with --compare a list "
-                        f"such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
-    p.add_argument("--importance", choices=IMPORTANCES,
-                   help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
-    p.add_argument("--epochs", type=int, metavar="N", help="epochs to train (default: "
-                   + ", ".join(f"{n} for {model}" for model, n in DEFAULT_EPOCHS.items()) + ")")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
-                   help=f"input batch size for training (default: {BATCH_SIZE})")
-    p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: per optimizer: "
-                   + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
-    p.add_argument("--prune-start", type=int, metavar="STEP", help="optimizer step where pruning "
-                   f"starts (default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
-    p.add_argument("--prune-end", type=int, metavar="STEP", help="optimizer step where the final "
-                   f"sparsity is reached (default: {PRUNE_END_FRACTION * 100:.0f}%% of all steps)")
-    p.add_argument("--prune-every", type=int, metavar="STEPS", help="optimizer steps between mask "
-                   f"updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
-    p.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
-    p.add_argument("--device", default="auto", metavar="DEVICE",
-                   help="cpu, cuda, cuda:1, ... (default: auto: cuda if available, else cpu)")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
-    p.add_argument("--data-dir", default="./data", metavar="DIR",
-                   help="where data sets are found or downloaded to (default: ./data)")
-    p.add_argument("--out", metavar="DIR", help="where results.json and checkpoint.pt go "
-                   "(default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from DIR/checkpoint.pt (same flags as the stopped run)")
-    p.add_argument("--limit", type=int, metavar="N",
-                   help="use only the first N images of each split (default: all)")
-    p.add_argument("--compare", action="store_true",
-                   help="run every optimizer/pruning pairing of the study on one seed and schedule, then write "
-                        "comparison.json, .csv and SVG plots to --out (default: results/compare-<model>-<dataset>)")
-    p.add_argument("--ablation", action="store_true",
-                   help="with --compare: AdamWPrune with each importance score instead of the study's rows")
-    p.add_argument("--plot", choices=("svg", "text"), default="svg",
-                   help="with --compare: svg writes the SVG plots; text also prints them as text (default: svg)")
-    p.add_argument("--dry-run", action="store_true",
-                   help=f"one quick pass: 1 epoch of {DRY_RUN_BATCHES} batches (default: off)")
+    add = p.add_argument
+    add("--model", choices=("lenet5", "resnet18"), default="lenet5", help="network (default: lenet5)")
+    add("--dataset", choices=tuple(DATASETS), help="data set (default: "
+        + ", ".join(f"{name} for {model}" for model, name in DEFAULT_DATASET.items()) + ")")
+    add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune", help="optimizer (default: adamwprune)")
+    add("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
+        "(default: state for adamwprune, none otherwise)")
+    add("--sparsity", type=SPARSITIES, metavar="S", help="final fraction of prunable weights (2+ dims) pruned, in "
+        f"[0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
+    add("--importance", choices=IMPORTANCES, help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
+    add("--epochs", type=COUNT, metavar="N", help="epochs to train (default: "
+        + ", ".join(f"{n} for {model}" for model, n in DEFAULT_EPOCHS.items()) + ")")
+    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N",
+        help=f"input batch size for training (default: {BATCH_SIZE})")
+    add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
+        + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
+    add("--prune-start", type=int, metavar="STEP",
+        help=f"optimizer step where pruning starts (default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
+    add("--prune-end", type=int, metavar="STEP", help="optimizer step where the final sparsity is reached "
+        f"(default: {PRUNE_END_FRACTION * 100:.0f}%% of all steps)")
+    add("--prune-every", type=COUNT, metavar="STEPS",
+        help=f"optimizer steps between mask updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
+    add("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
+    add("--device", type=DEVICE, default="auto",
+        help="cpu, cuda, cuda:1, ... (default: auto: cuda if available, else cpu)")
+    add("--amp", choices=("none", "bf16"), default="none",
+        help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
+    add("--data-dir", default="./data", metavar="DIR", help="where data sets are found or downloaded to "
+        "(default: ./data)")
+    add("--out", metavar="DIR", help="where results.json and checkpoint.pt go; a run there is continued with "
+        "--resume, never overwritten (default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
+    add("--resume", action="store_true", help="continue the run in --out (same flags as the stopped run)")
+    add("--limit", type=COUNT, metavar="N", help="use only the first N images of each split (default: all)")
+    add("--compare", action="store_true", help="run every optimizer/pruning pairing of the study on one seed and "
+        "schedule, write comparison.json, .csv and SVG plots to --out (default: results/compare-<model>-<dataset>)")
+    add("--ablation", action="store_true",
+        help="with --compare: AdamWPrune with each importance score instead of the study's rows")
+    add("--plot", choices=("svg", "text"), default="svg",
+        help="with --compare: svg writes the SVG plots; text also prints them as text (default: svg)")
+    add("--dry-run", action="store_true", help=f"one quick pass: 1 epoch of {DRY_RUN_BATCHES} batches, in the "
+        "default folder with -dry-run added, which the next dry run overwrites (default: off)")
     args = p.parse_args(argv)
+    given = {f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != p.get_default(k)}
 
-    # 0) a comparison runs every pairing itself, each with its own learning rate
-    if args.compare:
-        given = [f for f, v in (("--optimizer", args.optimizer != "adamwprune"), ("--pruning", args.pruning),
-                                ("--lr", args.lr), ("--resume", args.resume)) if v]
-        if given:
-            p.error(f"--compare runs every optimizer and pruning method with its default learning rate and "
-                    f"resumes by itself: drop {', '.join(given)}")
-    elif args.ablation or args.plot != "svg":
-        p.error("--ablation and --plot shape a comparison: add --compare")
-    try:
-        sparsities = [float(s) for s in (args.sparsity or str(DEFAULT_SPARSITY)).split(",")]
-    except ValueError:
-        p.error(f"--sparsity takes a number in [0, 1) (a list like 0.5,0.7,0.9 with --compare), got {args.sparsity!r}")
-    for s in sparsities:
-        if not 0.0 < s < 1.0 if args.compare else not 0.0 <= s < 1.0:
-            p.error(f"--sparsity must be in {'(0, 1) for a comparison' if args.compare else '[0, 1)'}, got {s}")
-    if len(sparsities) > 1 and not args.compare:
-        p.error("several --sparsity values make a sweep: add --compare")
-    args.sparsities = sparsities
-    args.sparsity = None if args.sparsity is None else sparsities[0]
-
-    # 1) the optimizer and the pruning method must fit together
-    adamwprune = args.optimizer == "adamwprune"
+    # 1) every default, some following from other flags
+    adamwprune, compare = args.optimizer == "adamwprune", args.compare
     args.pruning = args.pruning or ("state" if adamwprune else "none")
-    if args.pruning == "state" and not adamwprune:
-        p.error(f"--pruning state ranks weights by AdamWPrune's own moments: use --optimizer adamwprune, "
-                f"or prune {args.optimizer} with --pruning magnitude or movement")
-    if adamwprune and args.pruning not in ("state", "none"):
-        p.error(f"--optimizer adamwprune prunes by itself: use --pruning state (or none for a dense run); "
-                f"--pruning {args.pruning} is for the other optimizers")
-    if args.importance and args.pruning != "state":
-        p.error("--importance picks AdamWPrune's score: it needs --optimizer adamwprune --pruning state")
-    args.importance = args.importance or IMPORTANCE_DEFAULT
     pruning = args.pruning != "none"
-    if args.sparsity is None:
-        args.sparsity = DEFAULT_SPARSITY if pruning else 0.0
-    if not pruning and args.sparsity > 0:
-        p.error("--sparsity needs a pruning method: add --pruning magnitude or movement "
-                "(or use --optimizer adamwprune)")
-    # 2) sizes and rates
-    for flag in ("epochs", "batch_size", "limit", "prune_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
+    args.sparsities = args.sparsity or [DEFAULT_SPARSITY if pruning else 0.0]  # more than one: a sweep
+    args.sparsity = args.sparsities[0]
+    args.importance = args.importance or IMPORTANCE_DEFAULT
     args.dataset = args.dataset or DEFAULT_DATASET[args.model]
     args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
     args.lr = args.lr or OPTIMIZERS[args.optimizer][0]
     if args.dry_run:
-        args.epochs = 1
-        args.limit = min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
-    # 3) the device
+        args.epochs, args.limit = 1, min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    if args.amp == "bf16" and device.type != "cuda":
-        p.error("--amp bf16 runs on CUDA only: use --device cuda, or --amp none on the CPU")
-    # 4) the pruning schedule, in optimizer steps
     epoch_steps = steps_per_epoch(vars(args))
     total_steps = args.epochs * epoch_steps
-    given = [f"--{f.replace('_', '-')}" for f in ("prune_start", "prune_end", "prune_every")
-             if getattr(args, f) is not None]
-    if given and not pruning:
-        p.error(f"{', '.join(given)} set a pruning schedule: add --pruning (or use --optimizer adamwprune)")
-    if args.prune_start is None:
+    if args.prune_start is None:  # the pruning schedule, in optimizer steps
         args.prune_start = round(PRUNE_START_FRACTION * total_steps)
     if args.prune_end is None:
         args.prune_end = max(args.prune_start, round(PRUNE_END_FRACTION * total_steps))
     args.prune_every = args.prune_every or max(1, epoch_steps // PRUNE_UPDATES_PER_EPOCH)
-    if not 0 <= args.prune_start <= args.prune_end <= total_steps:
-        p.error(f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= "
-                f"the run's {total_steps} optimizer steps ({args.epochs} epochs x {epoch_steps})")
-    if args.out is None and args.compare:
-        kind = "ablation" if args.ablation else "compare"
-        args.out = os.path.join("results", f"{kind}-{args.model}-{args.dataset}" + ("-dry-run" if args.dry_run else ""))
-    if args.out is None:
-        args.out = os.path.join("results", f"{args.model}-{args.optimizer}-{args.pruning}-{args.sparsity:g}"
-                                + ("-dry-run" if args.dry_run else ""))
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and not os.path.exists(checkpoint_path):
-        p.error(f"--resume: no checkpoint at {checkpoint_path}; run without --resume to start")
+    folder = (f"{'ablation' if args.ablation else 'compare'}-{args.model}-{args.dataset}" if compare
+              else f"{args.model}-{args.optimizer}-{args.pruning}-{args.sparsity:g}")
+    args.out = args.out or os.path.join("results", folder + ("-dry-run" if args.dry_run else ""))
+    found = [name for name in ("checkpoint.pt", "results.json") if os.path.exists(os.path.join(args.out, name))]
+
+    # 2) flags that do not fit together: the first clash stops here, saying how to fix it
+    compare_drops = sorted(given & {"--optimizer", "--pruning", "--lr", "--resume"})
+    schedule_flags = sorted(given & {"--prune-start", "--prune-end", "--prune-every"})
+    cuda = torch.device(args.device).type == "cuda"
+    clashes = [
+        (compare and compare_drops, "--compare runs every optimizer and pruning method with its default "
+                                    f"learning rate and resumes by itself: drop {', '.join(compare_drops)}"),
+        (not compare and given & {"--ablation", "--plot"}, "--ablation and --plot shape a comparison: add --compare"),
+        (compare and 0 in args.sparsities, "--sparsity must be in (0, 1) for a comparison, got 0"),
+        (not compare and len(args.sparsities) > 1, "several --sparsity values make a sweep: add --compare"),
+        (args.pruning == "state" and not adamwprune, "--pruning state ranks weights by AdamWPrune's own moments: "
+         f"use --optimizer adamwprune, or prune {args.optimizer} with --pruning magnitude or movement"),
+        (adamwprune and args.pruning not in ("state", "none"), "--optimizer adamwprune prunes by itself: use "
+         f"--pruning state (or none for a dense run); --pruning {args.pruning} is for the other optimizers"),
+        ("--importance" in given and args.pruning != "state",
+         "--importance picks AdamWPrune's score: it needs --optimizer adamwprune --pruning state"),
+        (not pruning and args.sparsity > 0, "--sparsity needs a pruning method: add --pruning magnitude or "
+                                            "movement (or use --optimizer adamwprune)"),
+        (not pruning and schedule_flags, f"{', '.join(schedule_flags)} set a pruning schedule: add --pruning "
+                                         "(or use --optimizer adamwprune)"),
+        (cuda and not torch.cuda.is_available(),
+         f"--device {args.device}: CUDA is not available here; use --device cpu"),
+        (args.amp == "bf16" and not cuda, "--amp bf16 runs on CUDA only: use --device cuda, or --amp none on the CPU"),
+        (not 0 <= args.prune_start <= args.prune_end <= total_steps,
+         f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= the run's "
+         f"{total_steps} optimizer steps ({args.epochs} epochs x {epoch_steps})"),
+        (args.resume and "checkpoint.pt" not in found,
+         f"--resume: no checkpoint in {args.out}; run without --resume to start"),
+        (writes and found and not (args.resume or compare or (args.dry_run and "--out" not in given)),
+         f"{args.out} holds a run already ({' and '.join(found)}): add --resume to continue it, "
+         "pass another --out, or delete that folder"),
+    ]
+    for clash, message in clashes:
+        if clash:
+            p.error(message)
     return vars(args)
 
 
@@ -223,6 +212,13 @@ def steps_per_epoch(config):
 
 class RunError(Exception):
     """A problem the user can fix (missing data, a checkpoint from other flags): main() prints it."""
+
+
+def config_differences(old, new, ignored=()):
+    """The settings in which two configs differ, as flags: '--lr 0.001 there, 0.01 now, ...'."""
+    show = lambda value: "unset" if value is None else value
+    return ", ".join(f"--{key.replace('_', '-')} {show(old.get(key))} there, {show(new[key])} now"
+                     for key in new if key not in ignored and old.get(key) != new[key])
 
 
 # --- data ---
@@ -268,6 +264,15 @@ def torchvision_download(name, data_dir):
         images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)  # (N, C, H, W)
         splits += [images.contiguous(), torch.as_tensor(dataset.targets)]
     return splits
+
+
+def torchvision_version():
+    """For results.json; None where torchvision is missing (train.py reads IDX files without it)."""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return torchvision.__version__
 
 
 def load_dataset(name, data_dir):
@@ -587,12 +592,10 @@ class TrainingState:
         }
 
     def load_state_dict(self, state):
-        changed = sorted(k for k in self.config if k != "resume" and state["config"].get(k) != self.config[k])
-        if changed:
-            differences = ", ".join(f"{k}: {state['config'].get(k)!r} there, {self.config[k]!r} now"
-                                    for k in changed)
+        differences = config_differences(state["config"], self.config, ignored=("resume", "sparsities"))
+        if differences:  # ("sparsities" repeats --sparsity)
             raise RunError(f"--resume: the checkpoint was made with other settings ({differences}); "
-                           "resume with the same flags, or start afresh without --resume")
+                           "resume with the same flags, or start afresh with another --out")
         self.epoch, self.step, self.wall_seconds = state["epoch"], state["step"], state["wall_seconds"]
         self.history, self.sparsity_timeline = state["history"], state["sparsity_timeline"]
         self.monitor.timeline = state["memory_timeline"]
@@ -748,7 +751,7 @@ def run(config):
         "memory": report,
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
         "environment": {
-            "python": platform.python_version(), "torch": torch.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         },
@@ -834,10 +837,10 @@ def finished_results(config):
         return None
     with open(path) as f:
         results = json.load(f)
-    ignored = {"resume"} | ({"importance"} if config["pruning"] != "state" else set())  # no effect there
-    changed = sorted(k for k in config if k not in ignored and results["config"].get(k) != config[k])
-    if changed:
-        raise RunError(f"{path} was made with other settings ({', '.join(changed)}): "
+    ignored = ("resume", "importance" if config["pruning"] != "state" else "")  # importance: no effect there
+    differences = config_differences(results["config"], config, ignored)
+    if differences:
+        raise RunError(f"{path} was made with other settings ({differences}): "
                        f"give the comparison another --out, or delete that directory")
     return results
 
