@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -924,10 +925,28 @@ def test_progress_updates_one_line_on_a_terminal(tiny_data, capsys):
     assert "img/s" in out and "ETA" in out and "iB" in out
 
 
-def test_measure_data_path_reports_train_and_bare_step_times(tiny_data):
-    figures = train.measure_data_path(train.parse_args(tiny_args(tiny_data, "unused")), steps=4, repeats=1)
-    assert figures["train_step_seconds"] > 0 and figures["bare_step_seconds"] > 0
-    assert figures["ratio"] == figures["train_step_seconds"] / figures["bare_step_seconds"]
+def test_data_path_benchmark_times_the_data_path_in_train_steps_only(tiny_data, monkeypatch):
+    """With a delay added to every batch the data path serves and to every forward pass, a train
+    step pays both and a bare step the forward only: the bare loop takes the same steps over
+    batches gathered before the clock starts."""
+    delay_seconds = 0.05
+    real_batches, real_make_model = train.DeviceData.batches, train.make_model
+
+    def slow_batches(self, *args):
+        for batch in real_batches(self, *args):
+            time.sleep(delay_seconds)
+            yield batch
+
+    def slow_model(config, device):
+        model = real_make_model(config, device)
+        model.register_forward_pre_hook(lambda module, inputs: time.sleep(delay_seconds))
+        return model
+
+    monkeypatch.setattr(train.DeviceData, "batches", slow_batches)
+    monkeypatch.setattr(train, "make_model", slow_model)
+    figures = memory.measure_data_path(tiny_args(tiny_data, "unused"), steps=4, repeats=2)
+    assert delay_seconds <= figures["bare_step_seconds"] < 2 * delay_seconds
+    assert 0.8 * delay_seconds < figures["train_step_seconds"] - figures["bare_step_seconds"] < 2 * delay_seconds
 
 
 # --- pruning methods ---

@@ -763,40 +763,6 @@ def run(config):
     return results
 
 
-def measure_data_path(config, steps=100, repeats=3):
-    """Seconds per step of train() against the bare forward/backward/step loop over batches
-    already in memory as float tensors (the design asks for a ratio of at most 1.1):
-    {"train_step_seconds", "bare_step_seconds", "ratio"}, the fastest of `repeats` alternations
-    of `steps` steps each."""
-    sample_every = max(1, config["epochs"] * steps_per_epoch(config) // TIMELINE_SAMPLES)  # as in a full run
-    config = {**config, "limit": steps * config["batch_size"], "epochs": 1}
-    state, train_data, _ = setup(config)
-    state.monitor.every = sample_every
-    batches = list(train_data.batches(config["batch_size"], torch.Generator().manual_seed(0)))
-
-    def bare_pass():
-        for x, y in batches:
-            with autocast(config):
-                loss = F.cross_entropy(state.model(x), y)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state.optimizer.step()
-        loss.item()  # wait for the device
-
-    def seconds(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    bare_pass()  # warm up
-    bare, full = [], []
-    for _ in range(repeats):
-        bare.append(seconds(bare_pass))
-        full.append(seconds(lambda: train(state, train_data, 1, show_progress=False)))
-    return {"train_step_seconds": min(full) / steps, "bare_step_seconds": min(bare) / steps,
-            "ratio": min(full) / min(bare)}
-
-
 # --- compare ---
 STUDY = [  # (row name, optimizer, pruning, importance): the original study's rows, then two references
     ("SGD + movement", "sgd", "movement", None),
