@@ -517,57 +517,44 @@ LENET5_PARAMS = 61_706
 LENET5_PRUNABLE = 61_706 - (6 + 16 + 120 + 84 + 10)  # all but the biases
 
 
-def lenet5_after_one_step(optimizer_name, pruning="none"):
-    rig = memory.Rig("lenet5", optimizer_name, pruning, 0.7 if pruning != "none" else 0.0, "cpu")
+def lenet5_after_one_step(optimizer_name, pruning="none", sparsity=0.0):
+    rig = memory.Rig("lenet5", optimizer_name, pruning, sparsity, "cpu")
     rig.train_step()
     return rig
 
 
-def test_adamw_state_on_lenet5_is_exactly_8_bytes_per_parameter():
-    rig = lenet5_after_one_step("adamw")
-    # m and v in fp32, plus torch's `step`: a 0-d float32 tensor for each of the 10 parameters
-    assert memory.optimizer_state_bytes(rig.optimizer) == 8 * LENET5_PARAMS + 4 * 10
-
-
-def test_sgd_momentum_state_on_lenet5_is_exactly_4_bytes_per_parameter():
-    rig = lenet5_after_one_step("sgd")
-    assert memory.optimizer_state_bytes(rig.optimizer) == 4 * LENET5_PARAMS
-
-
-def test_movement_pruning_keeps_a_float32_score_and_a_bool_mask_per_prunable_weight():
-    rig = lenet5_after_one_step("adamw", "movement")
-    assert memory.tensor_bytes(rig.buffers()) == (4 + 1) * LENET5_PRUNABLE
-
-
-def test_magnitude_pruning_keeps_a_bool_mask_per_prunable_weight():
-    rig = lenet5_after_one_step("adamw", "magnitude")
-    assert memory.tensor_bytes(rig.buffers()) == 1 * LENET5_PRUNABLE
-
-
-def test_training_state_is_counted_by_category():
+def test_adamw_training_state_on_lenet5_is_counted_exactly_by_category():
     rig = lenet5_after_one_step("adamw")
     counted = memory.training_state_bytes(rig.model, rig.optimizer, rig.buffers())
     assert counted["parameters"] == 4 * LENET5_PARAMS
     assert counted["gradients"] == 4 * LENET5_PARAMS
-    assert counted["optimizer_state"] == 8 * LENET5_PARAMS + 4 * 10
+    # m and v in fp32, plus torch's `step`: a 0-d float32 tensor for each of the 10 parameters
+    assert counted["optimizer_state"] == memory.optimizer_state_bytes(rig.optimizer) == 8 * LENET5_PARAMS + 4 * 10
     assert counted["pruning_buffers"] == 0 and counted["model_buffers"] == 0
     assert counted["total"] == 16 * LENET5_PARAMS + 40
+
+
+@pytest.mark.parametrize("optimizer, pruning, sparsity, state_bytes, pruning_bytes", [
+    ("sgd", "none", 0.0, (4, 4), 0),  # the momentum buffer
+    ("adamw", "movement", 0.7, (8, 8), 4 + 1),  # m, v; a float32 score and a bool mask
+    ("adamw", "magnitude", 0.7, (8, 8), 1),  # m, v; a bool mask
+    ("adamwprune", "state", 0.0, (8, 8), 0),  # m, v and nothing else before pruning
+    ("adamwprune", "state", 0.7, (8 * 0.3, 3.6), 0),  # m, v and an int32 index for the kept 30% only
+])
+def test_bytes_per_prunable_weight_on_lenet5_are_those_of_each_method(optimizer, pruning, sparsity, state_bytes,
+                                                                      pruning_bytes):
+    rig = lenet5_after_one_step(optimizer, pruning, sparsity)  # Rig prunes at step 1, straight to `sparsity`
+    rig.train_step()
+    state, buffers = rig.bytes_per_prunable()
+    step_bytes = 4 * 5 if optimizer == "adamw" else 0  # torch's 0-d float32 `step` of each prunable tensor
+    low, high = state_bytes
+    assert low <= state - step_bytes / LENET5_PRUNABLE <= high + 12 / LENET5_PRUNABLE  # 12 B: one weight of rounding
+    assert buffers == pruning_bytes
 
 
 def test_a_storage_shared_by_views_is_counted_once():
     t = torch.zeros(1000)
     assert memory.tensor_bytes([t, t.view(10, 100), t[500:], t.clone()]) == 2 * 4000
-
-
-def test_adamwprune_bytes_follow_the_memory_contract_on_lenet5():
-    dense = memory.Rig("lenet5", "adamwprune", "state", 0.0, "cpu")
-    dense.train_step()
-    assert dense.bytes_per_prunable() == (8.0, 0.0)
-    pruned = memory.Rig("lenet5", "adamwprune", "state", 0.7, "cpu")
-    for _ in range(2):
-        pruned.train_step()
-    state_bytes, pruning_bytes = pruned.bytes_per_prunable()
-    assert state_bytes <= 3.6 + 12 / LENET5_PRUNABLE and pruning_bytes == 0.0
 
 
 # --- memory.py: the CPU peak tracker and the monitor ---
@@ -957,45 +944,30 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("method", [train.MagnitudePruning, train.MovementPruning])
-def test_pruning_reaches_the_exact_sparsity_with_monotone_masks_and_zero_weights(method):
-    model = tiny_model()
+def test_pruning_follows_adamwprune_step_for_step_with_monotone_masks_and_zero_weights(method):
+    """Same schedule, same grid of mask updates, same exact counts as the optimizer's own pruning."""
+    model, reference = tiny_model(), tiny_model()
+    schedule = dict(prune_start=2, prune_end=20, prune_every=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pruning = method(model.parameters(), 0.7, prune_start=2, prune_end=20, prune_every=3)
+    pruning = method(model.parameters(), 0.7, **schedule)
+    adamwprune = AdamWPrune(reference.parameters(), lr=1e-2, sparsity=0.7, **schedule)
     prunable = [model[0].weight, model[2].weight]
     assert pruning.params == prunable  # biases are not prunable
     previous = [torch.ones_like(p, dtype=torch.bool) for p in prunable]
-    for t in range(1, 26):
-        F.cross_entropy(model(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
-        pruning.observe()
-        optimizer.step()
-        optimizer.zero_grad()
+    for _ in range(25):
+        for net, opt in ((model, optimizer), (reference, adamwprune)):
+            F.cross_entropy(net(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
+            if net is model:
+                pruning.observe()  # scores see this step's gradients
+            opt.step()
+            opt.zero_grad()
         pruning.step()
         for p, mask, before in zip(prunable, pruning.masks, previous):
             assert not (mask & ~before).any()  # nothing comes back
             assert (p[~mask] == 0).all()  # pruned weights are zero after every step
-        pruned = sum(int((~m).sum()) for m in pruning.masks)
-        if t == 2 or t >= 20:
-            assert pruned == round(scheduled_sparsity(t, 0.7, "cubic", 2, 20) * 750)
+        assert train.prunable_sparsity(model) == train.prunable_sparsity(reference) == adamwprune.sparsity()[0]
         previous = [m.clone() for m in pruning.masks]
     assert sum(int((p == 0).sum()) for p in prunable) == round(0.7 * 750) == 525
-
-
-@pytest.mark.parametrize("method", [train.MagnitudePruning, train.MovementPruning])
-def test_pruning_follows_adamwprune_step_for_step(method):
-    """Same schedule, same grid of mask updates, same counts as the optimizer's own pruning."""
-    model, reference = tiny_model(), tiny_model()
-    schedule = dict(prune_start=3, prune_end=17, prune_every=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pruning = method(model.parameters(), 0.6, **schedule)
-    adamwprune = AdamWPrune(reference.parameters(), lr=1e-2, sparsity=0.6, **schedule)
-    for _ in range(22):
-        for net, opt in ((model, optimizer), (reference, adamwprune)):
-            F.cross_entropy(net(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
-            opt.step()
-            opt.zero_grad()
-        pruning.observe()
-        pruning.step()
-        assert train.prunable_sparsity(model) == train.prunable_sparsity(reference) == adamwprune.sparsity()[0]
 
 
 def test_movement_score_accumulates_minus_gradient_times_weight():
