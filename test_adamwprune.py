@@ -1241,6 +1241,14 @@ def test_cli_falls_back_to_ascii_where_stdout_cannot_encode_unicode(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "comparison.svg"))
 
 
+def test_result_files_are_written_atomically_and_readable_by_others(tmp_path):
+    path = tmp_path / "results.json"
+    plot.write_atomic(str(path), lambda f: json.dump({"a": 1}, f))
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
 def test_nice_ticks_are_round_and_cover_the_range():
     for low, high in [(0, 1), (78.3, 89.6), (0, 4690), (0.93, 1.27), (-3, 7), (5, 5), (0, 0), (1e-4, 3e-4)]:
         ticks = plot.nice_ticks(low, high)
@@ -1318,12 +1326,3 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tiny_data, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(tiny_data, tmp_path))
     assert "stopped" in str(exit_info.value.code) and "--resume" in str(exit_info.value.code)
-
-
-def test_results_are_written_readable_by_others(tmp_path):
-    path = tmp_path / "results.json"
-    train.write_json_atomic(str(path), {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert os.stat(path).st_mode & 0o777 == 0o644
-    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
-

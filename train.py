@@ -18,8 +18,9 @@ and normalised there.
 import argparse
 import collections
 import contextlib
-import csv
 import gzip
+import importlib.metadata
+import importlib.util
 import inspect
 import io
 import json
@@ -27,7 +28,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -93,20 +93,17 @@ def parse_args(argv=None, writes=True):
     writes=False is for callers that write nothing to --out (memory.py's benchmarks): a run
     already there is then no reason to stop."""
     p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
-    add = p.add_argument
+    add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
     add("--model", choices=("lenet5", "resnet18"), default="lenet5", help="network (default: lenet5)")
-    add("--dataset", choices=tuple(DATASETS), help="data set (default: "
-        + ", ".join(f"{name} for {model}" for model, name in DEFAULT_DATASET.items()) + ")")
+    add("--dataset", choices=tuple(DATASETS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
     add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune", help="optimizer (default: adamwprune)")
     add("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
         "(default: state for adamwprune, none otherwise)")
     add("--sparsity", type=SPARSITIES, metavar="S", help="final fraction of prunable weights (2+ dims) pruned, in "
         f"[0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
     add("--importance", choices=IMPORTANCES, help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
-    add("--epochs", type=COUNT, metavar="N", help="epochs to train (default: "
-        + ", ".join(f"{n} for {model}" for model, n in DEFAULT_EPOCHS.items()) + ")")
-    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N",
-        help=f"input batch size for training (default: {BATCH_SIZE})")
+    add("--epochs", type=COUNT, metavar="N", help=f"epochs to train (default: {per_model(DEFAULT_EPOCHS)})")
+    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"batch size (default: {BATCH_SIZE})")
     add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
         + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
     add("--prune-start", type=int, metavar="STEP",
@@ -116,20 +113,18 @@ def parse_args(argv=None, writes=True):
     add("--prune-every", type=COUNT, metavar="STEPS",
         help=f"optimizer steps between mask updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
     add("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
-    add("--device", type=DEVICE, default="auto",
-        help="cpu, cuda, cuda:1, ... (default: auto: cuda if available, else cpu)")
+    add("--device", type=DEVICE, default="auto", help="cpu, cuda or cuda:N (default: auto: cuda if any, else cpu)")
     add("--amp", choices=("none", "bf16"), default="none",
         help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
-    add("--data-dir", default="./data", metavar="DIR", help="where data sets are found or downloaded to "
-        "(default: ./data)")
+    add("--data-dir", default="./data", metavar="DIR", help="where data sets are read or downloaded (default: ./data)")
     add("--out", metavar="DIR", help="where results.json and checkpoint.pt go; a run there is continued with "
         "--resume, never overwritten (default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
     add("--resume", action="store_true", help="continue the run in --out (same flags as the stopped run)")
     add("--limit", type=COUNT, metavar="N", help="use only the first N images of each split (default: all)")
     add("--compare", action="store_true", help="run every optimizer/pruning pairing of the study on one seed and "
         "schedule, write comparison.json, .csv and SVG plots to --out (default: results/compare-<model>-<dataset>)")
-    add("--ablation", action="store_true",
-        help="with --compare: AdamWPrune with each importance score instead of the study's rows")
+    add("--ablation", action="store_true", help="with --compare: AdamWPrune with each importance score instead of "
+        "the study's rows")
     add("--plot", choices=("svg", "text"), default="svg",
         help="with --compare: svg writes the SVG plots; text also prints them as text (default: svg)")
     add("--dry-run", action="store_true", help=f"one quick pass: 1 epoch of {DRY_RUN_BATCHES} batches, in the "
@@ -183,8 +178,7 @@ def parse_args(argv=None, writes=True):
                                             "movement (or use --optimizer adamwprune)"),
         (not pruning and schedule_flags, f"{', '.join(schedule_flags)} set a pruning schedule: add --pruning "
                                          "(or use --optimizer adamwprune)"),
-        (cuda and not torch.cuda.is_available(),
-         f"--device {args.device}: CUDA is not available here; use --device cpu"),
+        (cuda and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here; use --device cpu"),
         (args.amp == "bf16" and not cuda, "--amp bf16 runs on CUDA only: use --device cuda, or --amp none on the CPU"),
         (not 0 <= args.prune_start <= args.prune_end <= total_steps,
          f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= the run's "
@@ -237,18 +231,6 @@ def read_idx(path):
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
 
 
-def find_idx(directory):
-    """The four IDX paths (plain or .gz) when `directory` holds all of them, else None."""
-    paths = []
-    for name in IDX_FILES:
-        path = os.path.join(directory, name)
-        found = [p for p in (path, path + ".gz") if os.path.exists(p)]
-        if not found:
-            return None
-        paths.append(found[0])
-    return paths
-
-
 def torchvision_download(name, data_dir):
     """The data set through its torchvision class, downloaded into data_dir when missing."""
     import torchvision
@@ -266,15 +248,6 @@ def torchvision_download(name, data_dir):
     return splits
 
 
-def torchvision_version():
-    """For results.json; None where torchvision is missing (train.py reads IDX files without it)."""
-    try:
-        import torchvision
-    except ImportError:
-        return None
-    return torchvision.__version__
-
-
 def load_dataset(name, data_dir):
     """[train_images, train_labels, test_images, test_labels]: uint8 (N, C, H, W) and labels, on the CPU.
 
@@ -286,8 +259,9 @@ def load_dataset(name, data_dir):
         torchvision_layout = os.path.join(data_dir, DATASETS[name].torchvision, "raw")
         for directory in filter(None, (torchvision_layout, data_dir, SYSTEM_DATA_DIRS.get(name))):
             tried.append(directory)
-            paths = find_idx(directory)
-            if paths:
+            paths = [next((p for p in (path, path + ".gz") if os.path.exists(p)), None)  # plain or gzipped
+                     for path in (os.path.join(directory, file) for file in IDX_FILES)]
+            if all(paths):
                 images_train, labels_train, images_test, labels_test = map(read_idx, paths)
                 return [images_train.unsqueeze(1), labels_train, images_test.unsqueeze(1), labels_test]
     try:
@@ -398,9 +372,7 @@ class AdamWSPAM(torch.optim.Optimizer):
             group["spam_step"] = t = group["spam_step"] + 1
             since = t % group["reset_interval"]  # steps since the last reset
             warmup = t >= group["reset_interval"] and since < group["warmup_steps"]
-            scale = 1.0
-            if warmup:
-                scale = 1 - 0.99 * (1 + math.cos(math.pi * since / (group["warmup_steps"] + 1))) / 2
+            scale = 1 - 0.99 * (1 + math.cos(math.pi * since / (group["warmup_steps"] + 1))) / 2 if warmup else 1.0
             clip = t >= group["clip_after"] and since >= group["clip_after"]
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -543,9 +515,7 @@ def make_optimizer(config, model, total_steps):
 
 # --- evaluate ---
 def autocast(config):
-    if config["amp"] == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if config["amp"] == "bf16" else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -582,8 +552,7 @@ class TrainingState:
     def state_dict(self):
         return {
             "config": self.config, "epoch": self.epoch, "step": self.step, "wall_seconds": self.wall_seconds,
-            "history": self.history, "sparsity_timeline": self.sparsity_timeline,
-            "memory_timeline": self.monitor.timeline,
+            "history": self.history, "sparsity_timeline": self.sparsity_timeline, "memory_timeline": self.monitor.timeline,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "pruning": self.pruning.state_dict() if self.pruning else None,
@@ -678,28 +647,8 @@ def train(state, data, epoch, show_progress=None):
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
-def write_atomic(path, write, binary=False):
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`: a crash
-    leaves the old file or the new one, never half of one."""
-    with tempfile.NamedTemporaryFile("wb" if binary else "w", dir=os.path.dirname(path) or ".", suffix=".tmp",
-                                     delete=False) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # tempfile makes files private; results are for reading
-    os.replace(f.name, path)
-
-
-def write_text_atomic(path, text):
-    write_atomic(path, lambda f: f.write(text))
-
-
-def write_json_atomic(path, obj):
-    write_atomic(path, lambda f: json.dump(obj, f, indent=1))
-
-
 def save_checkpoint(state, path):
-    write_atomic(path, lambda f: torch.save(state.state_dict(), f), binary=True)
+    plot.write_atomic(path, lambda f: torch.save(state.state_dict(), f), binary=True)
 
 
 def setup(config):
@@ -745,25 +694,21 @@ def run(config):
     report = state.monitor.report()
     device = torch.device(config["device"])
     results = {
-        "config": config,
-        "history": state.history,
-        "sparsity_timeline": state.sparsity_timeline,
-        "memory": report,
+        "config": config, "history": state.history, "sparsity_timeline": state.sparsity_timeline, "memory": report,
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
         "environment": {
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": importlib.metadata.version("torchvision") if importlib.util.find_spec("torchvision") else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        },
-        "final": {"test_accuracy": state.history[-1]["test_accuracy"],
-                  "sparsity": prunable_sparsity(state.model),
+            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"},
+        "final": {"test_accuracy": state.history[-1]["test_accuracy"], "sparsity": prunable_sparsity(state.model),
                   "peak_memory_bytes": report["peak_bytes"], "wall_seconds": state.wall_seconds},
     }
-    write_json_atomic(os.path.join(config["out"], "results.json"), results)
+    plot.write_atomic(os.path.join(config["out"], "results.json"), lambda f: json.dump(results, f, indent=1))
     return results
 
 
-# --- compare ---
+# --- main ---
 STUDY = [  # (row name, optimizer, pruning, importance): the original study's rows, then two references
     ("SGD + movement", "sgd", "movement", None),
     ("Adam + movement", "adam", "movement", None),
@@ -801,8 +746,7 @@ def finished_results(config):
     path = os.path.join(config["out"], "results.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        results = json.load(f)
+    results = plot.read_json(path)
     ignored = ("resume", "importance" if config["pruning"] != "state" else "")  # importance: no effect there
     differences = config_differences(results["config"], config, ignored)
     if differences:
@@ -811,46 +755,10 @@ def finished_results(config):
     return results
 
 
-def comparison_row(name, config, results, out):
-    final, memory_report = results["final"], results["memory"]
-    peak_mib = final["peak_memory_bytes"] / 2**20
-    return {"name": name, "optimizer": config["optimizer"], "pruning": config["pruning"],
-            "importance": config["importance"] if config["pruning"] == "state" else None,
-            "sparsity": config["sparsity"], "results_dir": os.path.relpath(config["out"], out),
-            "test_accuracy": final["test_accuracy"], "peak_memory_mib": peak_mib,
-            "mean_memory_mib": memory_report["mean_bytes"] / 2**20,
-            "efficiency": final["test_accuracy"] / peak_mib * 100,  # accuracy per 100 MiB of peak memory
-            "sparsity_reached": final["sparsity"], "wall_seconds": final["wall_seconds"]}
-
-
-def write_comparison(out, config, rows, environment):
-    comparison = {"model": config["model"], "dataset": config["dataset"], "epochs": config["epochs"],
-                  "seed": config["seed"], "sparsities": config["sparsities"], "environment": environment,
-                  "rows": rows}
-    write_json_atomic(os.path.join(out, "comparison.json"), comparison)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(os.path.join(out, "comparison.csv"), buffer.getvalue())
-
-
-def comparison_table(rows):
-    header = (f"{'method':<24} {'sparsity':>8} {'test acc %':>10} {'peak MiB':>9} {'mean MiB':>9} "
-              f"{'acc/100MiB':>10} {'reached':>8} {'wall s':>7}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['name']:<24} {r['sparsity']:>8.0%} {r['test_accuracy']:>10.2f} {r['peak_memory_mib']:>9.2f} "
-                     f"{r['mean_memory_mib']:>9.2f} {r['efficiency']:>10.1f} {r['sparsity_reached']:>8.2%} "
-                     f"{r['wall_seconds']:>7.0f}")
-    return "\n".join(lines)
-
-
 def compare(config):
     """Run (or resume) every row of the comparison, then write and print its table and plots."""
-    out = config["out"]
+    out, rows = config["out"], []
     os.makedirs(out, exist_ok=True)
-    rows, environment = [], None
     for name, row_config in comparison_runs(config):
         results = finished_results(row_config)
         if results is None:
@@ -860,18 +768,15 @@ def compare(config):
             results = run({**row_config, "resume": resume})
         else:
             print(f"--- {name}, sparsity {row_config['sparsity']:.0%}: done before, in {row_config['out']}")
-        environment = results["environment"]
-        rows.append(comparison_row(name, row_config, results, out))
-        write_comparison(out, config, rows, environment)
-    print(comparison_table(rows))
+        rows.append(plot.comparison_row(name, row_config, results, out))
+        plot.write_comparison(out, config, rows, results["environment"])
     paths = plot.render_svgs(out)
-    if config["plot"] == "text":
-        print(plot.text_report(out))
+    print(plot.text_report(out) if config["plot"] == "text"  # the text plots end with the table
+          else "\n".join(plot.table_lines(plot.load_comparison(out)[0]["rows"], plot.LABEL_COLUMNS)))
     print(f"comparison: {os.path.join(out, 'comparison.json')}, .csv and {len(paths)} SVG plots in {out}")
     return rows
 
 
-# --- main ---
 def main(argv=None):
     config = parse_args(argv)
     try:
