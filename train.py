@@ -80,8 +80,8 @@ def checked(convert, ok, rule):
     return parse
 
 
-COUNT = checked(int, lambda n: n >= 1, "must be at least 1")
-POSITIVE = checked(float, lambda x: x > 0, "must be positive")
+COUNT = checked(int, lambda n: n >= 1, "takes a whole number of at least 1")
+POSITIVE = checked(float, lambda x: x > 0, "takes a positive number")
 SPARSITIES = checked(lambda text: [float(s) for s in text.split(",")], lambda ss: all(0 <= s < 1 for s in ss),
                      "takes a number in [0, 1), or a list like 0.5,0.7,0.9 with --compare")
 DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes auto, cpu, cuda or cuda:N")
