@@ -1,5 +1,5 @@
 """
-Memory measurement for training runs, on CUDA and on the CPU, and the memory/speed benchmark.
+Memory measurement for training runs, on CUDA and on the CPU; the memory/speed and data-path benchmarks.
 
     $ python memory.py                 # optimizer step time and state bytes, AdamWPrune vs AdamW
     $ python -c "import memory; print(memory.measure_data_path(['--optimizer', 'adamw']))"  # train.py's data path

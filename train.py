@@ -216,8 +216,7 @@ def config_differences(old, new, ignored=()):
 
 
 # --- data ---
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def read_idx(path):
@@ -552,7 +551,8 @@ class TrainingState:
     def state_dict(self):
         return {
             "config": self.config, "epoch": self.epoch, "step": self.step, "wall_seconds": self.wall_seconds,
-            "history": self.history, "sparsity_timeline": self.sparsity_timeline, "memory_timeline": self.monitor.timeline,
+            "history": self.history, "sparsity_timeline": self.sparsity_timeline,
+            "memory_timeline": self.monitor.timeline,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "pruning": self.pruning.state_dict() if self.pruning else None,
@@ -698,7 +698,7 @@ def run(config):
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": importlib.metadata.version("torchvision") if importlib.util.find_spec("torchvision") else None,
+            "torchvision": importlib.util.find_spec("torchvision") and importlib.metadata.version("torchvision"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"},
         "final": {"test_accuracy": state.history[-1]["test_accuracy"], "sparsity": prunable_sparsity(state.model),
