@@ -736,7 +736,8 @@ def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeyp
     monkeypatch.setattr(train, "torchvision_download", offline)
     monkeypatch.setitem(train.SYSTEM_DATA_DIRS, "fashion-mnist", str(tmp_path / "not-installed"))
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--device", "cpu"])
+        train.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--device", "cpu",
+                    "--out", str(tmp_path / "run")])
     message = str(exit_info.value.code)
     assert message.startswith("error: could not load fashion-mnist") and "\n" not in message
     for hint in (str(tmp_path), "not-installed", "Name or service not known", "--data-dir",
