@@ -1,7 +1,8 @@
 """
-Memory measurement for training runs, on CUDA and on the CPU, and the memory/speed benchmark.
+Memory measurement for training runs, on CUDA and on the CPU; the memory/speed and data-path benchmarks.
 
     $ python memory.py                 # optimizer step time and state bytes, AdamWPrune vs AdamW
+    $ python -c "import memory; print(memory.measure_data_path(['--optimizer', 'adamw']))"  # train.py's data path
 
 What is measured, and how:
 - persistent training state, by category (parameters, gradients, optimizer state, pruning
@@ -233,7 +234,7 @@ class Rig:
     def __init__(self, model_name, optimizer, pruning, sparsity, device):
         import train
         config = train.parse_args(["--model", model_name, "--optimizer", optimizer, "--pruning", pruning,
-                                   "--sparsity", str(sparsity), "--device", str(device)])
+                                   "--sparsity", str(sparsity), "--device", str(device)], writes=False)
         # prune at the first step straight to `sparsity`: the steady state after prune_end
         config.update(prune_start=1, prune_end=1, prune_every=1)
         torch.manual_seed(0)
@@ -331,6 +332,46 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
         row["update_seconds"] = seconds[key]
         row["vs_adamw_foreach"] = seconds[key] / seconds["reference"]
     return rows
+
+
+# --- the data path: train.py's training loop against the bare loop ---
+
+
+def measure_data_path(flags, steps=100, repeats=3):
+    """Seconds per step of train.py's training loop against the bare forward/backward/update loop
+    over batches already in memory as float tensors (the design asks for a ratio of at most 1.1),
+    for the run that train.py's `flags` describe: {"train_step_seconds", "bare_step_seconds",
+    "ratio"}, the fastest of `repeats` alternations of `steps` steps each."""
+    import train
+    config = train.parse_args(flags, writes=False)
+    total_steps = config["epochs"] * train.steps_per_epoch(config)
+    sample_every = max(1, total_steps // train.TIMELINE_SAMPLES)  # memory samples as often as in the run
+    config = {**config, "limit": steps * config["batch_size"], "epochs": 1}
+    state, train_data, _ = train.setup(config)
+    state.monitor.every = sample_every
+    batches = list(train_data.batches(config["batch_size"], torch.Generator().manual_seed(0)))
+
+    def bare_pass():
+        for x, y in batches:
+            with train.autocast(config):
+                loss = torch.nn.functional.cross_entropy(state.model(x), y)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            train.update(config, state.model, state.optimizer, state.scheduler, state.pruning)
+        loss.item()  # wait for the device
+
+    def seconds(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    bare_pass()  # warm up
+    bare, full = [], []
+    for _ in range(repeats):
+        bare.append(seconds(bare_pass))
+        full.append(seconds(lambda: train.train(state, train_data, 1, show_progress=False)))
+    return {"train_step_seconds": min(full) / steps, "bare_step_seconds": min(bare) / steps,
+            "ratio": min(full) / min(bare)}
 
 
 def main(argv=None):

@@ -10,8 +10,12 @@ The SVGs: comparison.svg (six panels), memory_timeline.svg, memory_vs_accuracy.s
 sparsities were swept, accuracy_vs_sparsity.svg. A sweep's other figures show the dense rows and the
 rows at the highest sparsity; the text plots show every row. A row whose results.json is missing keeps
 its bars (their numbers are in comparison.json) and loses its curves, with a note.
+
+comparison.json and .csv are written here as well as read (write_comparison, called by train.py
+--compare), so their format lives in one file; write_atomic writes every result file of the project.
 """
 import argparse
+import csv
 import html
 import json
 import math
@@ -49,6 +53,45 @@ ROW_KEYS = ("name", "sparsity", "results_dir", "test_accuracy", "peak_memory_mib
 # --- data ---
 class PlotInputError(Exception):
     """Input that cannot be plotted; the message says what is missing and how to make it."""
+
+
+def write_atomic(path, write, binary=False):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`: a crash
+    leaves the old file or the new one, never half of one."""
+    with tempfile.NamedTemporaryFile("wb" if binary else "w", encoding=None if binary else "utf-8",
+                                     dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(f.name, 0o644)  # tempfile makes files private; results are for reading
+    os.replace(f.name, path)
+
+
+def comparison_row(name, config, results, results_dir):
+    """A row of comparison.json: one run's config and results.json, with paths relative to results_dir."""
+    final, memory_report = results["final"], results["memory"]
+    peak_mib = final["peak_memory_bytes"] / MIB
+    return {"name": name, "optimizer": config["optimizer"], "pruning": config["pruning"],
+            "importance": config["importance"] if config["pruning"] == "state" else None,
+            "sparsity": config["sparsity"], "results_dir": os.path.relpath(config["out"], results_dir),
+            "test_accuracy": final["test_accuracy"], "peak_memory_mib": peak_mib,
+            "mean_memory_mib": memory_report["mean_bytes"] / MIB,
+            "efficiency": final["test_accuracy"] / peak_mib * 100,  # accuracy per 100 MiB of peak memory
+            "sparsity_reached": final["sparsity"], "wall_seconds": final["wall_seconds"]}
+
+
+def write_comparison(results_dir, config, rows, environment):
+    """comparison.json (the comparison's config, environment and rows) and comparison.csv (the rows)."""
+    comparison = {"model": config["model"], "dataset": config["dataset"], "epochs": config["epochs"],
+                  "seed": config["seed"], "sparsities": config["sparsities"], "environment": environment,
+                  "rows": rows}
+    write_atomic(os.path.join(results_dir, "comparison.json"), lambda f: json.dump(comparison, f, indent=1))
+
+    def write_csv(f):
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_atomic(os.path.join(results_dir, "comparison.csv"), write_csv)
 
 
 def read_json(path):
@@ -210,11 +253,7 @@ class Svg:
         head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{height:.0f}" '
                 f'viewBox="0 0 {self.width} {height:.0f}" font-family="{FONT}" fill="{INK}">\n'
                 f'<rect width="100%" height="100%" fill="white"/>\n')
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(path) or ".",
-                                         suffix=".tmp", delete=False) as f:
-            f.write(head + "\n".join(self.parts) + "\n</svg>\n")
-        os.chmod(f.name, 0o644)
-        os.replace(f.name, path)
+        write_atomic(path, lambda f: f.write(head + "\n".join(self.parts) + "\n</svg>\n"))
 
 
 def marker(svg, style, x, y, radius=6.0):

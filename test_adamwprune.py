@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -662,57 +663,44 @@ LENET5_PARAMS = 61_706
 LENET5_PRUNABLE = 61_706 - (6 + 16 + 120 + 84 + 10)  # all but the biases
 
 
-def lenet5_after_one_step(optimizer_name, pruning="none"):
-    rig = memory.Rig("lenet5", optimizer_name, pruning, 0.7 if pruning != "none" else 0.0, "cpu")
+def lenet5_after_one_step(optimizer_name, pruning="none", sparsity=0.0):
+    rig = memory.Rig("lenet5", optimizer_name, pruning, sparsity, "cpu")
     rig.train_step()
     return rig
 
 
-def test_adamw_state_on_lenet5_is_exactly_8_bytes_per_parameter():
-    rig = lenet5_after_one_step("adamw")
-    # m and v in fp32, plus torch's `step`: a 0-d float32 tensor for each of the 10 parameters
-    assert memory.optimizer_state_bytes(rig.optimizer) == 8 * LENET5_PARAMS + 4 * 10
-
-
-def test_sgd_momentum_state_on_lenet5_is_exactly_4_bytes_per_parameter():
-    rig = lenet5_after_one_step("sgd")
-    assert memory.optimizer_state_bytes(rig.optimizer) == 4 * LENET5_PARAMS
-
-
-def test_movement_pruning_keeps_a_float32_score_and_a_bool_mask_per_prunable_weight():
-    rig = lenet5_after_one_step("adamw", "movement")
-    assert memory.tensor_bytes(rig.buffers()) == (4 + 1) * LENET5_PRUNABLE
-
-
-def test_magnitude_pruning_keeps_a_bool_mask_per_prunable_weight():
-    rig = lenet5_after_one_step("adamw", "magnitude")
-    assert memory.tensor_bytes(rig.buffers()) == 1 * LENET5_PRUNABLE
-
-
-def test_training_state_is_counted_by_category():
+def test_adamw_training_state_on_lenet5_is_counted_exactly_by_category():
     rig = lenet5_after_one_step("adamw")
     counted = memory.training_state_bytes(rig.model, rig.optimizer, rig.buffers())
     assert counted["parameters"] == 4 * LENET5_PARAMS
     assert counted["gradients"] == 4 * LENET5_PARAMS
-    assert counted["optimizer_state"] == 8 * LENET5_PARAMS + 4 * 10
+    # m and v in fp32, plus torch's `step`: a 0-d float32 tensor for each of the 10 parameters
+    assert counted["optimizer_state"] == memory.optimizer_state_bytes(rig.optimizer) == 8 * LENET5_PARAMS + 4 * 10
     assert counted["pruning_buffers"] == 0 and counted["model_buffers"] == 0
     assert counted["total"] == 16 * LENET5_PARAMS + 40
+
+
+@pytest.mark.parametrize("optimizer, pruning, sparsity, state_bytes, pruning_bytes", [
+    ("sgd", "none", 0.0, (4, 4), 0),  # the momentum buffer
+    ("adamw", "movement", 0.7, (8, 8), 4 + 1),  # m, v; a float32 score and a bool mask
+    ("adamw", "magnitude", 0.7, (8, 8), 1),  # m, v; a bool mask
+    ("adamwprune", "state", 0.0, (8, 8), 0),  # m, v and nothing else before pruning
+    ("adamwprune", "state", 0.7, (8 * 0.3, 3.6), 0),  # m, v and an int32 index for the kept 30% only
+])
+def test_bytes_per_prunable_weight_on_lenet5_are_those_of_each_method(optimizer, pruning, sparsity, state_bytes,
+                                                                      pruning_bytes):
+    rig = lenet5_after_one_step(optimizer, pruning, sparsity)  # Rig prunes at step 1, straight to `sparsity`
+    rig.train_step()
+    state, buffers = rig.bytes_per_prunable()
+    step_bytes = 4 * 5 if "adamw" in optimizer else 0  # AdamW's 0-d float32 `step` of each prunable tensor
+    low, high = state_bytes
+    assert low <= state - step_bytes / LENET5_PRUNABLE <= high + 12 / LENET5_PRUNABLE  # 12 B: one weight of rounding
+    assert buffers == pruning_bytes
 
 
 def test_a_storage_shared_by_views_is_counted_once():
     t = torch.zeros(1000)
     assert memory.tensor_bytes([t, t.view(10, 100), t[500:], t.clone()]) == 2 * 4000
-
-
-def test_adamwprune_bytes_follow_the_memory_contract_on_lenet5():
-    dense = memory.Rig("lenet5", "adamwprune", "state", 0.0, "cpu")
-    dense.train_step()
-    assert dense.bytes_per_prunable() == (pytest.approx(8.0 + 4 * 5 / LENET5_PRUNABLE), 0.0)  # + 5 steps
-    pruned = memory.Rig("lenet5", "adamwprune", "state", 0.7, "cpu")
-    for _ in range(2):
-        pruned.train_step()
-    state_bytes, pruning_bytes = pruned.bytes_per_prunable()
-    assert state_bytes <= 3.6 + 12 / LENET5_PRUNABLE and pruning_bytes == 0.0
 
 
 # --- memory.py: the CPU peak tracker and the monitor ---
@@ -894,7 +882,8 @@ def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeyp
     monkeypatch.setattr(train, "torchvision_download", offline)
     monkeypatch.setitem(train.SYSTEM_DATA_DIRS, "fashion-mnist", str(tmp_path / "not-installed"))
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--device", "cpu"])
+        train.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--device", "cpu",
+                    "--out", str(tmp_path / "run")])
     message = str(exit_info.value.code)
     assert message.startswith("error: could not load fashion-mnist") and "\n" not in message
     for hint in (str(tmp_path), "not-installed", "Name or service not known", "--data-dir",
@@ -913,16 +902,17 @@ def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeyp
     (["--sparsity", "1.0"], "[0, 1)"),
     (["--optimizer", "adamw", "--prune-every", "10"], "--prune-every"),
     (["--prune-end", "10000000"], "--prune-end"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--device", "gpu0"], "is not a device"),
+    (["--epochs", "0"], "--epochs: takes a whole number of at least 1, got '0'"),
+    (["--batch-size", "x"], "--batch-size: takes a whole number of at least 1, got 'x'"),
+    (["--lr", "-1"], "--lr: takes a positive number"),
+    (["--device", "gpu0"], "--device: takes auto, cpu, cuda or cuda:N, got 'gpu0'"),
     (["--device", "cpu", "--amp", "bf16"], "--amp bf16 runs on CUDA only"),
     (["--resume", "--out", "/nonexistent/run"], "no checkpoint"),
     (["--compare", "--lr", "0.1"], "drop --lr"),
     (["--compare", "--optimizer", "sgd"], "drop --optimizer"),
     (["--compare", "--sparsity", "0"], "(0, 1) for a comparison"),
     (["--sparsity", "0.5,0.9"], "add --compare"),
-    (["--sparsity", "half"], "--sparsity takes a number"),
+    (["--sparsity", "half"], "--sparsity: takes a number"),
     (["--ablation"], "add --compare"),
     (["--plot", "text"], "add --compare"),
 ])
@@ -930,10 +920,11 @@ def test_bad_flags_stop_at_the_command_line_with_the_fix(capsys, flags, complain
     assert complaint in cli_error(capsys, flags)
 
 
-def test_defaults_follow_the_model_and_optimizer():
+def test_defaults_follow_the_model_and_optimizer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no results of earlier runs in the default folders
     config = train.parse_args([])
     assert (config["dataset"], config["optimizer"], config["pruning"], config["sparsity"]) == (
-        "mnist", "adamwprune", "state", 0.7)
+        "fashion-mnist", "adamwprune", "state", 0.7)
     assert config["out"] == os.path.join("results", "lenet5-adamwprune-state-0.7")
     steps = 10 * math.ceil(60000 / 128)
     assert 0 < config["prune_start"] < config["prune_end"] < steps
@@ -952,7 +943,7 @@ def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_pa
     documented = {"config", "history", "sparsity_timeline", "memory", "wall_seconds", "environment", "final"}
     assert documented <= set(results)
     assert set(results["final"]) == {"test_accuracy", "sparsity", "peak_memory_bytes", "wall_seconds"}
-    assert {"python", "torch", "device"} <= set(results["environment"])
+    assert {"python", "torch", "torchvision", "device"} <= set(results["environment"])
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "sparsity"} <= set(results["history"][0])
     assert results["memory"]["peak_bytes"] == results["final"]["peak_memory_bytes"] > 0
@@ -997,11 +988,21 @@ def test_resume_after_a_stop_ends_like_an_uninterrupted_run(tiny_data, tmp_path,
     assert numbers(resumed) == numbers(uninterrupted)
 
 
-def test_resume_refuses_a_checkpoint_made_with_other_flags(tiny_data, tmp_path):
-    tiny_run(tiny_data, tmp_path, "--optimizer", "adamw")
+def test_resume_refuses_a_checkpoint_made_with_other_flags_and_names_them_as_typed(tiny_data, tmp_path):
+    tiny_run(tiny_data, tmp_path, "--optimizer", "adamw", "--pruning", "magnitude", "--sparsity", "0.7")
     with pytest.raises(SystemExit) as exit_info:
-        train.main(tiny_args(tiny_data, tmp_path, "--optimizer", "adamw", "--lr", "0.01", "--resume"))
-    assert "lr: 0.001 there, 0.01 now" in str(exit_info.value.code)
+        train.main(tiny_args(tiny_data, tmp_path, "--optimizer", "adamw", "--pruning", "magnitude",
+                             "--sparsity", "0.5", "--lr", "0.01", "--resume"))
+    message = str(exit_info.value.code)
+    assert "(--sparsity 0.7 there, 0.5 now, --lr 0.001 there, 0.01 now)" in message
+    assert "another --out" in message
+
+
+def test_a_run_in_out_is_never_overwritten_without_resume(tiny_data, tmp_path, capsys):
+    tiny_run(tiny_data, tmp_path, "--epochs", "1")
+    complaint = cli_error(capsys, tiny_args(tiny_data, tmp_path, "--epochs", "1")).splitlines()[-1]
+    assert complaint.endswith(f" error: {tmp_path} holds a run already (checkpoint.pt and results.json): "
+                              "add --resume to continue it, pass another --out, or delete that folder")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adamwadv", "adamwspam", "adamwprune"])
@@ -1025,11 +1026,12 @@ def test_flags_reach_the_run(tiny_data, tmp_path):
 def test_dry_run_is_one_epoch_of_two_batches_written_beside_real_results(tiny_data, tmp_path, monkeypatch,
                                                                          capsys):
     monkeypatch.chdir(tmp_path)
-    train.main(["--dataset", "mnist", "--data-dir", tiny_data, "--device", "cpu", "--dry-run"])
+    for _ in range(2):  # the second dry run overwrites the first
+        train.main(["--dataset", "mnist", "--data-dir", tiny_data, "--device", "cpu", "--dry-run"])
+        assert capsys.readouterr().out.count("\n") == 2  # an epoch line and the summary
     with open(os.path.join("results", "lenet5-adamwprune-state-0.7-dry-run", "results.json")) as f:
         results = json.load(f)
     assert len(results["history"]) == 1 and results["sparsity_timeline"][-1]["step"] == 2
-    assert capsys.readouterr().out.count("\n") == 2  # an epoch line and the summary
 
 
 def test_resnet18_trains_on_cifar_shaped_data(tmp_path, monkeypatch):
@@ -1057,10 +1059,33 @@ def test_progress_updates_one_line_on_a_terminal(tiny_data, capsys):
     assert "img/s" in out and "ETA" in out and "iB" in out
 
 
-def test_measure_data_path_reports_train_and_bare_step_times(tiny_data):
-    figures = train.measure_data_path(train.parse_args(tiny_args(tiny_data, "unused")), steps=4, repeats=1)
-    assert figures["train_step_seconds"] > 0 and figures["bare_step_seconds"] > 0
-    assert figures["ratio"] == figures["train_step_seconds"] / figures["bare_step_seconds"]
+def test_data_path_benchmark_times_the_data_path_in_train_steps_only(tiny_data, monkeypatch):
+    """With a delay added to every batch the data path serves and to every forward pass, a train
+    step pays both and a bare step the forward only: the bare loop takes the same steps over
+    batches gathered before the clock starts."""
+    delay_seconds = 0.05
+    real_batches, real_make_model = train.DeviceData.batches, train.make_model
+
+    def slow_batches(self, *args):
+        for batch in real_batches(self, *args):
+            time.sleep(delay_seconds)
+            yield batch
+
+    def slow_model(config, device):
+        model = real_make_model(config, device)
+        model.register_forward_pre_hook(lambda module, inputs: time.sleep(delay_seconds))
+        return model
+
+    monkeypatch.setattr(train.DeviceData, "batches", slow_batches)
+    monkeypatch.setattr(train, "make_model", slow_model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steps of about a millisecond: no OpenMP thread waits on a busy core
+    try:
+        figures = memory.measure_data_path(tiny_args(tiny_data, "unused", "--batch-size", "8"), steps=4, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert delay_seconds <= figures["bare_step_seconds"] < 2 * delay_seconds
+    assert 0.8 * delay_seconds < figures["train_step_seconds"] - figures["bare_step_seconds"] < 2 * delay_seconds
 
 
 # --- pruning methods ---
@@ -1071,45 +1096,30 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("method", [train.MagnitudePruning, train.MovementPruning])
-def test_pruning_reaches_the_exact_sparsity_with_monotone_masks_and_zero_weights(method):
-    model = tiny_model()
+def test_pruning_follows_adamwprune_step_for_step_with_monotone_masks_and_zero_weights(method):
+    """Same schedule, same grid of mask updates, same exact counts as the optimizer's own pruning."""
+    model, reference = tiny_model(), tiny_model()
+    schedule = dict(prune_start=2, prune_end=20, prune_every=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pruning = method(model.parameters(), 0.7, prune_start=2, prune_end=20, prune_every=3)
+    pruning = method(model.parameters(), 0.7, **schedule)
+    adamwprune = AdamWPrune(reference.parameters(), lr=1e-2, sparsity=0.7, **schedule)
     prunable = [model[0].weight, model[2].weight]
     assert pruning.params == prunable  # biases are not prunable
     previous = [torch.ones_like(p, dtype=torch.bool) for p in prunable]
-    for t in range(1, 26):
-        F.cross_entropy(model(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
-        pruning.observe()
-        optimizer.step()
-        optimizer.zero_grad()
+    for _ in range(25):
+        for net, opt in ((model, optimizer), (reference, adamwprune)):
+            F.cross_entropy(net(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
+            if net is model:
+                pruning.observe()  # scores see this step's gradients
+            opt.step()
+            opt.zero_grad()
         pruning.step()
         for p, mask, before in zip(prunable, pruning.masks, previous):
             assert not (mask & ~before).any()  # nothing comes back
             assert (p[~mask] == 0).all()  # pruned weights are zero after every step
-        pruned = sum(int((~m).sum()) for m in pruning.masks)
-        if t == 2 or t >= 20:
-            assert pruned == round(scheduled_sparsity(t, 0.7, "cubic", 2, 20) * 750)
+        assert train.prunable_sparsity(model) == train.prunable_sparsity(reference) == adamwprune.sparsity()[0]
         previous = [m.clone() for m in pruning.masks]
     assert sum(int((p == 0).sum()) for p in prunable) == round(0.7 * 750) == 525
-
-
-@pytest.mark.parametrize("method", [train.MagnitudePruning, train.MovementPruning])
-def test_pruning_follows_adamwprune_step_for_step(method):
-    """Same schedule, same grid of mask updates, same counts as the optimizer's own pruning."""
-    model, reference = tiny_model(), tiny_model()
-    schedule = dict(prune_start=3, prune_end=17, prune_every=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pruning = method(model.parameters(), 0.6, **schedule)
-    adamwprune = AdamWPrune(reference.parameters(), lr=1e-2, sparsity=0.6, **schedule)
-    for _ in range(22):
-        for net, opt in ((model, optimizer), (reference, adamwprune)):
-            F.cross_entropy(net(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
-            opt.step()
-            opt.zero_grad()
-        pruning.observe()
-        pruning.step()
-        assert train.prunable_sparsity(model) == train.prunable_sparsity(reference) == adamwprune.sparsity()[0]
 
 
 def test_movement_score_accumulates_minus_gradient_times_weight():
@@ -1383,6 +1393,14 @@ def test_cli_falls_back_to_ascii_where_stdout_cannot_encode_unicode(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "comparison.svg"))
 
 
+def test_result_files_are_written_atomically_and_readable_by_others(tmp_path):
+    path = tmp_path / "results.json"
+    plot.write_atomic(str(path), lambda f: json.dump({"a": 1}, f))
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
 def test_nice_ticks_are_round_and_cover_the_range():
     for low, high in [(0, 1), (78.3, 89.6), (0, 4690), (0.93, 1.27), (-3, 7), (5, 5), (0, 0), (1e-4, 3e-4)]:
         ticks = plot.nice_ticks(low, high)
@@ -1460,15 +1478,6 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tiny_data, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(tiny_data, tmp_path))
     assert "stopped" in str(exit_info.value.code) and "--resume" in str(exit_info.value.code)
-
-
-def test_results_are_written_readable_by_others(tmp_path):
-    path = tmp_path / "results.json"
-    train.write_json_atomic(str(path), {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert os.stat(path).st_mode & 0o777 == 0o644
-    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
-
 
 
 # --- several processes: FSDP2 shards and DDP replicas (2 ranks on gloo, fork-started) ---

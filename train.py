@@ -1,38 +1,26 @@
 """
 Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimizer and pruning method.
 
-    $ python train.py --dataset fashion-mnist                      # LeNet-5, AdamWPrune, 70% sparse
-    $ python train.py --dataset fashion-mnist --optimizer adamw    # the dense AdamW baseline
-    $ python train.py --dataset fashion-mnist --optimizer adamw --pruning movement
-    $ python train.py --dataset fashion-mnist --importance hybrid --sparsity 0.9
-    $ python train.py --model resnet18 --amp bf16                   # CIFAR-10 on a CUDA GPU
-    $ python train.py --dataset fashion-mnist --out results/fm --resume   # continue after a stop
-    $ python train.py --dataset fashion-mnist --dry-run             # one tiny pass, for CI
+    $ python train.py --optimizer adamwprune --sparsity 0.7   # LeNet-5 on Fashion-MNIST (the defaults)
+    $ python train.py --optimizer adamw                       # the dense AdamW baseline
+    $ python train.py --optimizer adamw --pruning movement
+    $ python train.py --importance variance --sparsity 0.9
+    $ python train.py --model resnet18 --amp bf16             # CIFAR-10 on a CUDA GPU
+    $ python train.py --out results/fm --resume               # continue after a stop
+    $ python train.py --dry-run                               # one tiny pass, for CI
+    $ python train.py --compare                               # every pairing of the study, with plots
 
 Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines,
 versions, and "final") and DIR/checkpoint.pt after each epoch. Accuracies are in percent.
 The data set lives on the device as uint8 tensors; batches are gathered, augmented (CIFAR-10)
-and normalised there: on Fashion-MNIST that is 0.1 ms of a 9 ms LeNet-5 step, and a train()
-step takes 1.01-1.10x the bare forward/backward/step loop (`measure_data_path`).
-
-Evidence for the defaults: LeNet-5 on Fashion-MNIST, 10 epochs of batch 128, on one thread of a
-shared 2-core x86-64 CPU (70-80 s a run); test accuracy (%) after the last epoch.
-    lr sweep, dense, seed 1
-        sgd 0.01 89.70, 0.03 90.05, 0.1 85.04     adam 1e-3 89.78, 3e-3 89.73
-        adamw 3e-4 88.46, 1e-3 89.63, 3e-3 89.70   adamwadv 1e-3 89.96, 3e-3 90.71
-        adamwspam 1e-3 89.61, 3e-3 88.60
-    the default recipe, seeds 1/2/3 (adamwprune with the variance score, the default then)
-        adamw, dense 89.63/89.69/89.62              adamwprune, 70% 89.56/89.36/89.39
-        adamw + movement, 70% 89.29/89.42/89.47     adamw + magnitude, 70% (seed 1) 89.74
-    --prune-end at 50/60/70% of the steps, seed 1 (adamwprune: variance score)
-        adamwprune 89.45/89.56/89.43               adamw + movement 89.18/89.29/89.32
-AdamWPrune's importance score is chosen by the ablation in README.md (--compare --ablation).
+and normalised there.
 """
 import argparse
 import collections
 import contextlib
-import csv
 import gzip
+import importlib.metadata
+import importlib.util
 import inspect
 import io
 import json
@@ -40,7 +28,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -59,9 +46,9 @@ DATASETS = {  # mean and std: per channel, of the training images scaled to [0, 
     "cifar10": Dataset("CIFAR10", 3, 32, 10, 50000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 SYSTEM_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist
-DEFAULT_DATASET = {"lenet5": "mnist", "resnet18": "cifar10"}
+DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10"}  # Fashion-MNIST: also offline, from Debian
 DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50}  # resnet18: not measured on this project's CPU machines
-OPTIMIZERS = {  # name: (default learning rate, weight decay); lr picked by the sweep in the docstring
+OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in README.md
     "sgd": (0.03, 5e-4),  # momentum 0.9, L2 decay in the gradient
     "adam": (1e-3, 0.0),
     "adamw": (1e-3, 1e-2),  # decoupled decay, torch's default
@@ -83,145 +70,128 @@ TIMELINE_SAMPLES = 200  # memory and sparsity are sampled about this many times 
 DRY_RUN_BATCHES = 2  # --dry-run: one epoch of this many batches (and as many test images)
 
 
-def parse_args(argv=None):
-    """The command line as a config dict, every default resolved; bad input stops here."""
+def checked(convert, ok, rule):
+    """An argparse type: convert(text), kept when ok(value); otherwise argparse stops, quoting `rule`."""
+    def parse(text):
+        with contextlib.suppress(ValueError, RuntimeError):
+            if ok(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    return parse
+
+
+COUNT = checked(int, lambda n: n >= 1, "takes a whole number of at least 1")
+POSITIVE = checked(float, lambda x: x > 0, "takes a positive number")
+SPARSITIES = checked(lambda text: [float(s) for s in text.split(",")], lambda ss: all(0 <= s < 1 for s in ss),
+                     "takes a number in [0, 1), or a list like 0.5,0.7,0.9 with --compare")
+DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes auto, cpu, cuda or cuda:N")
+
+
+def parse_args(argv=None, writes=True):
+    """The command line as a config dict, every default resolved; bad input stops here.
+
+    writes=False is for callers that write nothing to --out (memory.py's benchmarks): a run
+    already there is then no reason to stop."""
     p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
-    p.add_argument("--model", choices=("lenet5", "resnet18"), default="lenet5",
-                   help="network (default: lenet5)")
-    p.add_argument("--dataset", choices=tuple(DATASETS),
-                   help="data set (default: mnist for lenet5, cifar10 for resnet18)")
-    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune",
-                   help="optimizer (default: adamwprune)")
-    p.add_argument("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
-                   "(default: state for adamwprune, none otherwise)")
-    p.add_argument("--sparsity", metavar="S",
-                   help=f"final fraction of prunable weights (2+ dims) pruned, in [0, 1); with --compare a list "
-                        f"such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
-    p.add_argument("--importance", choices=IMPORTANCES,
-                   help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
-    p.add_argument("--epochs", type=int, metavar="N", help="epochs to train (default: "
-                   + ", ".join(f"{n} for {model}" for model, n in DEFAULT_EPOCHS.items()) + ")")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
-                   help=f"input batch size for training (default: {BATCH_SIZE})")
-    p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: per optimizer: "
-                   + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
-    p.add_argument("--prune-start", type=int, metavar="STEP", help="optimizer step where pruning "
-                   f"starts (default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
-    p.add_argument("--prune-end", type=int, metavar="STEP", help="optimizer step where the final "
-                   f"sparsity is reached (default: {PRUNE_END_FRACTION * 100:.0f}%% of all steps)")
-    p.add_argument("--prune-every", type=int, metavar="STEPS", help="optimizer steps between mask "
-                   f"updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
-    p.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
-    p.add_argument("--device", default="auto", metavar="DEVICE",
-                   help="cpu, cuda, cuda:1, ... (default: auto: cuda if available, else cpu)")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
-    p.add_argument("--data-dir", default="./data", metavar="DIR",
-                   help="where data sets are found or downloaded to (default: ./data)")
-    p.add_argument("--out", metavar="DIR", help="where results.json and checkpoint.pt go "
-                   "(default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from DIR/checkpoint.pt (same flags as the stopped run)")
-    p.add_argument("--limit", type=int, metavar="N",
-                   help="use only the first N images of each split (default: all)")
-    p.add_argument("--compare", action="store_true",
-                   help="run every optimizer/pruning pairing of the study on one seed and schedule, then write "
-                        "comparison.json, .csv and SVG plots to --out (default: results/compare-<model>-<dataset>)")
-    p.add_argument("--ablation", action="store_true",
-                   help="with --compare: AdamWPrune with each importance score instead of the study's rows")
-    p.add_argument("--plot", choices=("svg", "text"), default="svg",
-                   help="with --compare: svg writes the SVG plots; text also prints them as text (default: svg)")
-    p.add_argument("--dry-run", action="store_true",
-                   help=f"one quick pass: 1 epoch of {DRY_RUN_BATCHES} batches (default: off)")
+    add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
+    add("--model", choices=("lenet5", "resnet18"), default="lenet5", help="network (default: lenet5)")
+    add("--dataset", choices=tuple(DATASETS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
+    add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune", help="optimizer (default: adamwprune)")
+    add("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
+        "(default: state for adamwprune, none otherwise)")
+    add("--sparsity", type=SPARSITIES, metavar="S", help="final fraction of prunable weights (2+ dims) pruned, in "
+        f"[0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
+    add("--importance", choices=IMPORTANCES, help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
+    add("--epochs", type=COUNT, metavar="N", help=f"epochs to train (default: {per_model(DEFAULT_EPOCHS)})")
+    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"batch size (default: {BATCH_SIZE})")
+    add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
+        + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
+    add("--prune-start", type=int, metavar="STEP",
+        help=f"optimizer step where pruning starts (default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
+    add("--prune-end", type=int, metavar="STEP", help="optimizer step where the final sparsity is reached "
+        f"(default: {PRUNE_END_FRACTION * 100:.0f}%% of all steps)")
+    add("--prune-every", type=COUNT, metavar="STEPS",
+        help=f"optimizer steps between mask updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
+    add("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
+    add("--device", type=DEVICE, default="auto", help="cpu, cuda or cuda:N (default: auto: cuda if any, else cpu)")
+    add("--amp", choices=("none", "bf16"), default="none",
+        help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
+    add("--data-dir", default="./data", metavar="DIR", help="where data sets are read or downloaded (default: ./data)")
+    add("--out", metavar="DIR", help="where results.json and checkpoint.pt go; a run there is continued with "
+        "--resume, never overwritten (default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
+    add("--resume", action="store_true", help="continue the run in --out (same flags as the stopped run)")
+    add("--limit", type=COUNT, metavar="N", help="use only the first N images of each split (default: all)")
+    add("--compare", action="store_true", help="run every optimizer/pruning pairing of the study on one seed and "
+        "schedule, write comparison.json, .csv and SVG plots to --out (default: results/compare-<model>-<dataset>)")
+    add("--ablation", action="store_true", help="with --compare: AdamWPrune with each importance score instead of "
+        "the study's rows")
+    add("--plot", choices=("svg", "text"), default="svg",
+        help="with --compare: svg writes the SVG plots; text also prints them as text (default: svg)")
+    add("--dry-run", action="store_true", help=f"one quick pass: 1 epoch of {DRY_RUN_BATCHES} batches, in the "
+        "default folder with -dry-run added, which the next dry run overwrites (default: off)")
     args = p.parse_args(argv)
+    given = {f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != p.get_default(k)}
 
-    # 0) a comparison runs every pairing itself, each with its own learning rate
-    if args.compare:
-        given = [f for f, v in (("--optimizer", args.optimizer != "adamwprune"), ("--pruning", args.pruning),
-                                ("--lr", args.lr), ("--resume", args.resume)) if v]
-        if given:
-            p.error(f"--compare runs every optimizer and pruning method with its default learning rate and "
-                    f"resumes by itself: drop {', '.join(given)}")
-    elif args.ablation or args.plot != "svg":
-        p.error("--ablation and --plot shape a comparison: add --compare")
-    try:
-        sparsities = [float(s) for s in (args.sparsity or str(DEFAULT_SPARSITY)).split(",")]
-    except ValueError:
-        p.error(f"--sparsity takes a number in [0, 1) (a list like 0.5,0.7,0.9 with --compare), got {args.sparsity!r}")
-    for s in sparsities:
-        if not 0.0 < s < 1.0 if args.compare else not 0.0 <= s < 1.0:
-            p.error(f"--sparsity must be in {'(0, 1) for a comparison' if args.compare else '[0, 1)'}, got {s}")
-    if len(sparsities) > 1 and not args.compare:
-        p.error("several --sparsity values make a sweep: add --compare")
-    args.sparsities = sparsities
-    args.sparsity = None if args.sparsity is None else sparsities[0]
-
-    # 1) the optimizer and the pruning method must fit together
-    adamwprune = args.optimizer == "adamwprune"
+    # 1) every default, some following from other flags
+    adamwprune, compare = args.optimizer == "adamwprune", args.compare
     args.pruning = args.pruning or ("state" if adamwprune else "none")
-    if args.pruning == "state" and not adamwprune:
-        p.error(f"--pruning state ranks weights by AdamWPrune's own moments: use --optimizer adamwprune, "
-                f"or prune {args.optimizer} with --pruning magnitude or movement")
-    if adamwprune and args.pruning not in ("state", "none"):
-        p.error(f"--optimizer adamwprune prunes by itself: use --pruning state (or none for a dense run); "
-                f"--pruning {args.pruning} is for the other optimizers")
-    if args.importance and args.pruning != "state":
-        p.error("--importance picks AdamWPrune's score: it needs --optimizer adamwprune --pruning state")
-    args.importance = args.importance or IMPORTANCE_DEFAULT
     pruning = args.pruning != "none"
-    if args.sparsity is None:
-        args.sparsity = DEFAULT_SPARSITY if pruning else 0.0
-    if not pruning and args.sparsity > 0:
-        p.error("--sparsity needs a pruning method: add --pruning magnitude or movement "
-                "(or use --optimizer adamwprune)")
-    # 2) sizes and rates
-    for flag in ("epochs", "batch_size", "limit", "prune_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
+    args.sparsities = args.sparsity or [DEFAULT_SPARSITY if pruning else 0.0]  # more than one: a sweep
+    args.sparsity = args.sparsities[0]
+    args.importance = args.importance or IMPORTANCE_DEFAULT
     args.dataset = args.dataset or DEFAULT_DATASET[args.model]
     args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
     args.lr = args.lr or OPTIMIZERS[args.optimizer][0]
     if args.dry_run:
-        args.epochs = 1
-        args.limit = min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
-    # 3) the device
+        args.epochs, args.limit = 1, min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    if args.amp == "bf16" and device.type != "cuda":
-        p.error("--amp bf16 runs on CUDA only: use --device cuda, or --amp none on the CPU")
-    # 4) the pruning schedule, in optimizer steps
     epoch_steps = steps_per_epoch(vars(args))
     total_steps = args.epochs * epoch_steps
-    given = [f"--{f.replace('_', '-')}" for f in ("prune_start", "prune_end", "prune_every")
-             if getattr(args, f) is not None]
-    if given and not pruning:
-        p.error(f"{', '.join(given)} set a pruning schedule: add --pruning (or use --optimizer adamwprune)")
-    if args.prune_start is None:
+    if args.prune_start is None:  # the pruning schedule, in optimizer steps
         args.prune_start = round(PRUNE_START_FRACTION * total_steps)
     if args.prune_end is None:
         args.prune_end = max(args.prune_start, round(PRUNE_END_FRACTION * total_steps))
     args.prune_every = args.prune_every or max(1, epoch_steps // PRUNE_UPDATES_PER_EPOCH)
-    if not 0 <= args.prune_start <= args.prune_end <= total_steps:
-        p.error(f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= "
-                f"the run's {total_steps} optimizer steps ({args.epochs} epochs x {epoch_steps})")
-    if args.out is None and args.compare:
-        kind = "ablation" if args.ablation else "compare"
-        args.out = os.path.join("results", f"{kind}-{args.model}-{args.dataset}" + ("-dry-run" if args.dry_run else ""))
-    if args.out is None:
-        args.out = os.path.join("results", f"{args.model}-{args.optimizer}-{args.pruning}-{args.sparsity:g}"
-                                + ("-dry-run" if args.dry_run else ""))
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and not os.path.exists(checkpoint_path):
-        p.error(f"--resume: no checkpoint at {checkpoint_path}; run without --resume to start")
+    folder = (f"{'ablation' if args.ablation else 'compare'}-{args.model}-{args.dataset}" if compare
+              else f"{args.model}-{args.optimizer}-{args.pruning}-{args.sparsity:g}")
+    args.out = args.out or os.path.join("results", folder + ("-dry-run" if args.dry_run else ""))
+    found = [name for name in ("checkpoint.pt", "results.json") if os.path.exists(os.path.join(args.out, name))]
+
+    # 2) flags that do not fit together: the first clash stops here, saying how to fix it
+    compare_drops = sorted(given & {"--optimizer", "--pruning", "--lr", "--resume"})
+    schedule_flags = sorted(given & {"--prune-start", "--prune-end", "--prune-every"})
+    cuda = torch.device(args.device).type == "cuda"
+    clashes = [
+        (compare and compare_drops, "--compare runs every optimizer and pruning method with its default "
+                                    f"learning rate and resumes by itself: drop {', '.join(compare_drops)}"),
+        (not compare and given & {"--ablation", "--plot"}, "--ablation and --plot shape a comparison: add --compare"),
+        (compare and 0 in args.sparsities, "--sparsity must be in (0, 1) for a comparison, got 0"),
+        (not compare and len(args.sparsities) > 1, "several --sparsity values make a sweep: add --compare"),
+        (args.pruning == "state" and not adamwprune, "--pruning state ranks weights by AdamWPrune's own moments: "
+         f"use --optimizer adamwprune, or prune {args.optimizer} with --pruning magnitude or movement"),
+        (adamwprune and args.pruning not in ("state", "none"), "--optimizer adamwprune prunes by itself: use "
+         f"--pruning state (or none for a dense run); --pruning {args.pruning} is for the other optimizers"),
+        ("--importance" in given and args.pruning != "state",
+         "--importance picks AdamWPrune's score: it needs --optimizer adamwprune --pruning state"),
+        (not pruning and args.sparsity > 0, "--sparsity needs a pruning method: add --pruning magnitude or "
+                                            "movement (or use --optimizer adamwprune)"),
+        (not pruning and schedule_flags, f"{', '.join(schedule_flags)} set a pruning schedule: add --pruning "
+                                         "(or use --optimizer adamwprune)"),
+        (cuda and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here; use --device cpu"),
+        (args.amp == "bf16" and not cuda, "--amp bf16 runs on CUDA only: use --device cuda, or --amp none on the CPU"),
+        (not 0 <= args.prune_start <= args.prune_end <= total_steps,
+         f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= the run's "
+         f"{total_steps} optimizer steps ({args.epochs} epochs x {epoch_steps})"),
+        (args.resume and "checkpoint.pt" not in found,
+         f"--resume: no checkpoint in {args.out}; run without --resume to start"),
+        (writes and found and not (args.resume or compare or (args.dry_run and "--out" not in given)),
+         f"{args.out} holds a run already ({' and '.join(found)}): add --resume to continue it, "
+         "pass another --out, or delete that folder"),
+    ]
+    for clash, message in clashes:
+        if clash:
+            p.error(message)
     return vars(args)
 
 
@@ -238,9 +208,15 @@ class RunError(Exception):
     """A problem the user can fix (missing data, a checkpoint from other flags): main() prints it."""
 
 
+def config_differences(old, new, ignored=()):
+    """The settings in which two configs differ, as flags: '--lr 0.001 there, 0.01 now, ...'."""
+    show = lambda value: "unset" if value is None else value
+    return ", ".join(f"--{key.replace('_', '-')} {show(old.get(key))} there, {show(new[key])} now"
+                     for key in new if key not in ignored and old.get(key) != new[key])
+
+
 # --- data ---
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def read_idx(path):
@@ -252,18 +228,6 @@ def read_idx(path):
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
-
-
-def find_idx(directory):
-    """The four IDX paths (plain or .gz) when `directory` holds all of them, else None."""
-    paths = []
-    for name in IDX_FILES:
-        path = os.path.join(directory, name)
-        found = [p for p in (path, path + ".gz") if os.path.exists(p)]
-        if not found:
-            return None
-        paths.append(found[0])
-    return paths
 
 
 def torchvision_download(name, data_dir):
@@ -294,8 +258,9 @@ def load_dataset(name, data_dir):
         torchvision_layout = os.path.join(data_dir, DATASETS[name].torchvision, "raw")
         for directory in filter(None, (torchvision_layout, data_dir, SYSTEM_DATA_DIRS.get(name))):
             tried.append(directory)
-            paths = find_idx(directory)
-            if paths:
+            paths = [next((p for p in (path, path + ".gz") if os.path.exists(p)), None)  # plain or gzipped
+                     for path in (os.path.join(directory, file) for file in IDX_FILES)]
+            if all(paths):
                 images_train, labels_train, images_test, labels_test = map(read_idx, paths)
                 return [images_train.unsqueeze(1), labels_train, images_test.unsqueeze(1), labels_test]
     try:
@@ -406,9 +371,7 @@ class AdamWSPAM(torch.optim.Optimizer):
             group["spam_step"] = t = group["spam_step"] + 1
             since = t % group["reset_interval"]  # steps since the last reset
             warmup = t >= group["reset_interval"] and since < group["warmup_steps"]
-            scale = 1.0
-            if warmup:
-                scale = 1 - 0.99 * (1 + math.cos(math.pi * since / (group["warmup_steps"] + 1))) / 2
+            scale = 1 - 0.99 * (1 + math.cos(math.pi * since / (group["warmup_steps"] + 1))) / 2 if warmup else 1.0
             clip = t >= group["clip_after"] and since >= group["clip_after"]
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -549,9 +512,7 @@ def make_optimizer(config, model, total_steps):
 
 # --- evaluate ---
 def autocast(config):
-    if config["amp"] == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if config["amp"] == "bf16" else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -598,12 +559,10 @@ class TrainingState:
         }
 
     def load_state_dict(self, state):
-        changed = sorted(k for k in self.config if k != "resume" and state["config"].get(k) != self.config[k])
-        if changed:
-            differences = ", ".join(f"{k}: {state['config'].get(k)!r} there, {self.config[k]!r} now"
-                                    for k in changed)
+        differences = config_differences(state["config"], self.config, ignored=("resume", "sparsities"))
+        if differences:  # ("sparsities" repeats --sparsity)
             raise RunError(f"--resume: the checkpoint was made with other settings ({differences}); "
-                           "resume with the same flags, or start afresh without --resume")
+                           "resume with the same flags, or start afresh with another --out")
         self.epoch, self.step, self.wall_seconds = state["epoch"], state["step"], state["wall_seconds"]
         self.history, self.sparsity_timeline = state["history"], state["sparsity_timeline"]
         self.monitor.timeline = state["memory_timeline"]
@@ -686,28 +645,8 @@ def train(state, data, epoch, show_progress=None):
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
-def write_atomic(path, write, binary=False):
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`: a crash
-    leaves the old file or the new one, never half of one."""
-    with tempfile.NamedTemporaryFile("wb" if binary else "w", dir=os.path.dirname(path) or ".", suffix=".tmp",
-                                     delete=False) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # tempfile makes files private; results are for reading
-    os.replace(f.name, path)
-
-
-def write_text_atomic(path, text):
-    write_atomic(path, lambda f: f.write(text))
-
-
-def write_json_atomic(path, obj):
-    write_atomic(path, lambda f: json.dump(obj, f, indent=1))
-
-
 def save_checkpoint(state, path):
-    write_atomic(path, lambda f: torch.save(state.state_dict(), f), binary=True)
+    plot.write_atomic(path, lambda f: torch.save(state.state_dict(), f), binary=True)
 
 
 def setup(config):
@@ -753,59 +692,21 @@ def run(config):
     report = state.monitor.report()
     device = torch.device(config["device"])
     results = {
-        "config": config,
-        "history": state.history,
-        "sparsity_timeline": state.sparsity_timeline,
-        "memory": report,
+        "config": config, "history": state.history, "sparsity_timeline": state.sparsity_timeline, "memory": report,
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": importlib.util.find_spec("torchvision") and importlib.metadata.version("torchvision"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        },
-        "final": {"test_accuracy": state.history[-1]["test_accuracy"],
-                  "sparsity": prunable_sparsity(state.model),
+            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"},
+        "final": {"test_accuracy": state.history[-1]["test_accuracy"], "sparsity": prunable_sparsity(state.model),
                   "peak_memory_bytes": report["peak_bytes"], "wall_seconds": state.wall_seconds},
     }
-    write_json_atomic(os.path.join(config["out"], "results.json"), results)
+    plot.write_atomic(os.path.join(config["out"], "results.json"), lambda f: json.dump(results, f, indent=1))
     return results
 
 
-def measure_data_path(config, steps=100, repeats=3):
-    """Seconds per step of train() against the bare forward/backward/step loop over batches
-    already in memory as float tensors (the design asks for a ratio of at most 1.1):
-    {"train_step_seconds", "bare_step_seconds", "ratio"}, the fastest of `repeats` alternations
-    of `steps` steps each."""
-    sample_every = max(1, config["epochs"] * steps_per_epoch(config) // TIMELINE_SAMPLES)  # as in a full run
-    config = {**config, "limit": steps * config["batch_size"], "epochs": 1}
-    state, train_data, _ = setup(config)
-    state.monitor.every = sample_every
-    batches = list(train_data.batches(config["batch_size"], torch.Generator().manual_seed(0)))
-
-    def bare_pass():
-        for x, y in batches:
-            with autocast(config):
-                loss = F.cross_entropy(state.model(x), y)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state.optimizer.step()
-        loss.item()  # wait for the device
-
-    def seconds(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    bare_pass()  # warm up
-    bare, full = [], []
-    for _ in range(repeats):
-        bare.append(seconds(bare_pass))
-        full.append(seconds(lambda: train(state, train_data, 1, show_progress=False)))
-    return {"train_step_seconds": min(full) / steps, "bare_step_seconds": min(bare) / steps,
-            "ratio": min(full) / min(bare)}
-
-
-# --- compare ---
+# --- main ---
 STUDY = [  # (row name, optimizer, pruning, importance): the original study's rows, then two references
     ("SGD + movement", "sgd", "movement", None),
     ("Adam + movement", "adam", "movement", None),
@@ -843,56 +744,19 @@ def finished_results(config):
     path = os.path.join(config["out"], "results.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        results = json.load(f)
-    ignored = {"resume"} | ({"importance"} if config["pruning"] != "state" else set())  # no effect there
-    changed = sorted(k for k in config if k not in ignored and results["config"].get(k) != config[k])
-    if changed:
-        raise RunError(f"{path} was made with other settings ({', '.join(changed)}): "
+    results = plot.read_json(path)
+    ignored = ("resume", "importance" if config["pruning"] != "state" else "")  # importance: no effect there
+    differences = config_differences(results["config"], config, ignored)
+    if differences:
+        raise RunError(f"{path} was made with other settings ({differences}): "
                        f"give the comparison another --out, or delete that directory")
     return results
 
 
-def comparison_row(name, config, results, out):
-    final, memory_report = results["final"], results["memory"]
-    peak_mib = final["peak_memory_bytes"] / 2**20
-    return {"name": name, "optimizer": config["optimizer"], "pruning": config["pruning"],
-            "importance": config["importance"] if config["pruning"] == "state" else None,
-            "sparsity": config["sparsity"], "results_dir": os.path.relpath(config["out"], out),
-            "test_accuracy": final["test_accuracy"], "peak_memory_mib": peak_mib,
-            "mean_memory_mib": memory_report["mean_bytes"] / 2**20,
-            "efficiency": final["test_accuracy"] / peak_mib * 100,  # accuracy per 100 MiB of peak memory
-            "sparsity_reached": final["sparsity"], "wall_seconds": final["wall_seconds"]}
-
-
-def write_comparison(out, config, rows, environment):
-    comparison = {"model": config["model"], "dataset": config["dataset"], "epochs": config["epochs"],
-                  "seed": config["seed"], "sparsities": config["sparsities"], "environment": environment,
-                  "rows": rows}
-    write_json_atomic(os.path.join(out, "comparison.json"), comparison)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(os.path.join(out, "comparison.csv"), buffer.getvalue())
-
-
-def comparison_table(rows):
-    header = (f"{'method':<24} {'sparsity':>8} {'test acc %':>10} {'peak MiB':>9} {'mean MiB':>9} "
-              f"{'acc/100MiB':>10} {'reached':>8} {'wall s':>7}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['name']:<24} {r['sparsity']:>8.0%} {r['test_accuracy']:>10.2f} {r['peak_memory_mib']:>9.2f} "
-                     f"{r['mean_memory_mib']:>9.2f} {r['efficiency']:>10.1f} {r['sparsity_reached']:>8.2%} "
-                     f"{r['wall_seconds']:>7.0f}")
-    return "\n".join(lines)
-
-
 def compare(config):
     """Run (or resume) every row of the comparison, then write and print its table and plots."""
-    out = config["out"]
+    out, rows = config["out"], []
     os.makedirs(out, exist_ok=True)
-    rows, environment = [], None
     for name, row_config in comparison_runs(config):
         results = finished_results(row_config)
         if results is None:
@@ -902,18 +766,15 @@ def compare(config):
             results = run({**row_config, "resume": resume})
         else:
             print(f"--- {name}, sparsity {row_config['sparsity']:.0%}: done before, in {row_config['out']}")
-        environment = results["environment"]
-        rows.append(comparison_row(name, row_config, results, out))
-        write_comparison(out, config, rows, environment)
-    print(comparison_table(rows))
+        rows.append(plot.comparison_row(name, row_config, results, out))
+        plot.write_comparison(out, config, rows, results["environment"])
     paths = plot.render_svgs(out)
-    if config["plot"] == "text":
-        print(plot.text_report(out))
+    print(plot.text_report(out) if config["plot"] == "text"  # the text plots end with the table
+          else "\n".join(plot.table_lines(plot.load_comparison(out)[0]["rows"], plot.LABEL_COLUMNS)))
     print(f"comparison: {os.path.join(out, 'comparison.json')}, .csv and {len(paths)} SVG plots in {out}")
     return rows
 
 
-# --- main ---
 def main(argv=None):
     config = parse_args(argv)
     try:
