@@ -1,7 +1,7 @@
 """
 Memory measurement for training runs, on CUDA and on the CPU; the memory/speed and data-path benchmarks.
 
-    $ python memory.py                 # optimizer step time and state bytes, AdamWPrune vs AdamW
+    $ python memory.py                 # state bytes, step time and mask updates, against AdamW(fused=True)
     $ python -c "import memory; print(memory.measure_data_path(['--optimizer', 'adamw']))"  # train.py's data path
 
 What is measured, and how:
@@ -13,6 +13,7 @@ What is measured, and how:
 """
 import argparse
 import contextlib
+import os
 import resource
 import statistics
 import sys
@@ -231,14 +232,17 @@ class Rig:
     """One model with one optimizer/pruning pairing, brought to a phase of pruning, stepping on
     one fixed random batch."""
 
-    def __init__(self, model_name, optimizer, pruning, sparsity, device):
+    def __init__(self, model_name, optimizer, pruning, sparsity, device, prune_end=1, wrap=None):
         import train
         config = train.parse_args(["--model", model_name, "--optimizer", optimizer, "--pruning", pruning,
                                    "--sparsity", str(sparsity), "--device", str(device)], writes=False)
-        # prune at the first step straight to `sparsity`: the steady state after prune_end
-        config.update(prune_start=1, prune_end=1, prune_every=1)
+        # prune_end=1: straight to `sparsity` at the first step, the steady state after prune_end;
+        # prune_end=2: 61% at the first step (cubic), `sparsity` at the second, a late mask update
+        config.update(prune_start=0 if prune_end > 1 else 1, prune_end=prune_end, prune_every=1)
         torch.manual_seed(0)
         self.model = train.make_model(config, device)
+        if wrap:  # e.g. FSDP2's fully_shard, before the optimizer sees the parameters
+            wrap(self.model)
         self.optimizer, self.scheduler, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
         self.config, self.train_update = config, train.update
         channels, side = train.DATASETS[config["dataset"]][1:3]
@@ -303,13 +307,15 @@ def median_seconds(actions, repeats, warmup=2):
 
 
 def benchmark(model_name, device, repeats, sparsity=0.7):
-    """Rows for a model: each pairing before pruning and at `sparsity`, against torch's AdamW
-    (foreach=True) stepping the same gradients, all timed in one interleaved run."""
+    """Rows for a model: each pairing before pruning and at `sparsity`, timed in one interleaved
+    run against torch's AdamW stepping the same gradients, fused (the fastest) and foreach; and
+    what one mask update adds to a step, in fused AdamW steps."""
     rows, updates = [], {}
-    reference = Rig(model_name, "adamw", "none", 0.0, device)
-    reference.optimizer = torch.optim.AdamW(reference.model.parameters(), foreach=True)
-    reference.backward()
-    updates["reference"] = reference.optimizer.step
+    for kernel in ("fused", "foreach"):
+        reference = Rig(model_name, "adamw", "none", 0.0, device)
+        reference.optimizer = torch.optim.AdamW(reference.model.parameters(), **{kernel: True})
+        reference.backward()
+        updates[kernel] = reference.optimizer.step
     for optimizer, pruning in PAIRINGS:
         for phase, target in (("before", 0.0), ("pruned", sparsity)):
             if pruning == "none" and phase == "pruned":
@@ -330,8 +336,40 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
     for row in rows:
         key = row.pop("key")
         row["update_seconds"] = seconds[key]
-        row["vs_adamw_foreach"] = seconds[key] / seconds["reference"]
+        row["vs_fused"] = seconds[key] / seconds["fused"]
+        row["vs_foreach"] = seconds[key] / seconds["foreach"]
+        if row["phase"] == "pruned":
+            row["mask_update_fused_steps"] = mask_update_seconds(model_name, *key[:2], sparsity, device) / seconds["fused"]
     return rows
+
+
+def mask_update_seconds(model_name, optimizer, pruning, sparsity, device, repeats=3):
+    """What a late mask update (61% to `sparsity`, on pruned and compacted state) adds to the
+    update after backward: the median over fresh rigs of that update less the next one."""
+    extra = []
+    for _ in range(repeats):
+        rig = Rig(model_name, optimizer, pruning, sparsity, device, prune_end=2)
+        rig.train_step()  # step 1: 61%
+        times = []
+        for _ in range(2):  # step 2 prunes to `sparsity`; step 3 only steps
+            rig.backward()
+            times.append(median_seconds({"update": rig.update}, repeats=1, warmup=0)["update"])
+        extra.append(times[0] - times[1])
+    return statistics.median(extra)
+
+
+def sharded_state_bytes(model_name, device, sparsity=0.7):
+    """Run by torchrun: the model sharded by FSDP2 over every rank and AdamWPrune pruned to
+    `sparsity`. Returns (optimizer state bytes on each rank, one process's, prunable weights)."""
+    from torch.distributed.fsdp import fully_shard
+    one_process = Rig(model_name, "adamwprune", "state", sparsity, device)
+    sharded = Rig(model_name, "adamwprune", "state", sparsity, device, wrap=fully_shard)
+    for rig in (one_process, sharded):
+        for _ in range(2):  # prune at step 1, settle
+            rig.train_step()
+    per_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(per_rank, optimizer_state_bytes(sharded.optimizer))
+    return per_rank, optimizer_state_bytes(one_process.optimizer), sum(p.numel() for p in one_process.prunable)
 
 
 # --- the data path: train.py's training loop against the bare loop ---
@@ -383,23 +421,45 @@ def main(argv=None):
                         help="device (default: cuda if available, else cpu)")
     parser.add_argument("--repeats", type=int, default=20, metavar="N",
                         help="timed updates per row; medians are reported (default: 20)")
+    parser.add_argument("--fsdp", action="store_true", help="under torchrun: AdamWPrune's state on each "
+                        "rank with the model sharded by FSDP2, at 70%% sparsity (default: off)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     device = torch.device(args.device)
+    if args.fsdp:
+        if "WORLD_SIZE" not in os.environ:
+            parser.error("--fsdp runs under torchrun: torchrun --standalone --nproc_per_node 2 memory.py --fsdp")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        for model_name in (["lenet5", "resnet18"] if args.model == "all" else [args.model]):
+            per_rank, one_process, prunable = sharded_state_bytes(model_name, device)
+            if int(os.environ["RANK"]) == 0:
+                print(f"{model_name}: AdamWPrune at 70% sparsity, optimizer state {format_bytes(one_process)} in one "
+                      f"process ({one_process / prunable:.2f} B per prunable weight); FSDP2 over {len(per_rank)} "
+                      "ranks: " + ", ".join(f"rank {r} {format_bytes(b)} ({b / one_process:.0%})"
+                                            for r, b in enumerate(per_rank)), flush=True)
+        torch.distributed.barrier()  # every rank done with the group before any tears it down
+        torch.distributed.destroy_process_group()
+        return
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {machine}. Bytes per prunable weight; peak: one training step "
           f"(batch {BATCH_SIZE['lenet5']} for lenet5, {BATCH_SIZE['resnet18']} for resnet18); update: "
-          f"optimizer + pruning work after backward, median of {args.repeats}, vs torch AdamW(foreach=True)")
+          f"optimizer + pruning work after backward, median of {args.repeats}, against torch's AdamW "
+          "(fused=True, and foreach=True) on the same gradients; mask update: the time one adds, in fused steps")
     header = (f"{'model':<9} {'optimizer + pruning':<22} {'phase':<7} {'sparsity':>8} {'state B':>8} "
-              f"{'pruning B':>9} {'peak MiB':>9} {'update ms':>10} {'vs AdamW':>9}")
+              f"{'pruning B':>9} {'peak MiB':>9} {'update ms':>10} {'vs fused':>9} {'vs foreach':>10} "
+              f"{'mask update':>11}")
     print(header)
     print("-" * len(header))
     for model_name in (["lenet5", "resnet18"] if args.model == "all" else [args.model]):
         for r in benchmark(model_name, device, args.repeats):
+            mask_update = f"{r['mask_update_fused_steps']:>10.1f}x" if "mask_update_fused_steps" in r else ""
             print(f"{r['model']:<9} {r['optimizer'] + ' + ' + r['pruning']:<22} {r['phase']:<7} "
                   f"{r['sparsity']:>8.1%} {r['state_bytes_per_prunable']:>8.2f} {r['pruning_bytes_per_prunable']:>9.2f} "
-                  f"{r['peak_step_bytes'] / 2**20:>9.2f} {r['update_seconds'] * 1e3:>10.3f} {r['vs_adamw_foreach']:>8.2f}x")
+                  f"{r['peak_step_bytes'] / 2**20:>9.2f} {r['update_seconds'] * 1e3:>10.3f} {r['vs_fused']:>8.2f}x "
+                  f"{r['vs_foreach']:>9.2f}x {mask_update:>11}", flush=True)
 
 
 if __name__ == "__main__":
