@@ -371,12 +371,15 @@ class AdamWPrune(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, group)
+            param, grad = local(p), local(p.grad)
+            if grad.stride() != param.stride():  # the fused kernel and flat views need one layout
+                grad = torch.empty_like(param).copy_(grad)
             lists = compact if "kept_index" in state else dense
             if "kept_index" in state:
-                compacted.append((local(p), local(p.grad), state["kept_index"]))
+                compacted.append((param, grad, state["kept_index"]))
             else:
-                lists[0].append(local(p))
-                lists[1].append(local(p.grad))
+                lists[0].append(param)
+                lists[1].append(grad)
             lists[2].append(state["exp_avg"])
             lists[3].append(state["exp_avg_sq"])
             if group["amsgrad"]:
@@ -402,8 +405,6 @@ class AdamWPrune(torch.optim.Optimizer):
             blocks[device, dtype] = iter(block.split(numels, dim=1))  # (change, gradient) pairs
         for param, grad, kept_index in compacted:
             change, kept_grad = next(blocks[param.device, param.dtype])
-            if grad.stride() != param.stride():  # flat views must index both the same way
-                grad = torch.empty_like(param).copy_(grad)
             torch.index_select(flat_view(grad), 0, kept_index, out=kept_grad)
             compact[0].append(change)
             compact[1].append(kept_grad)

@@ -572,9 +572,9 @@ def test_prunes_and_trains_on_each_device_and_dtype(device, dtype):
     assert opt.param_groups[0]["fused"]  # torch's fused kernel, picked by default
 
 
-def test_channels_last_conv_weights_prune_like_contiguous_ones():
+def test_channels_last_conv_weights_prune_like_contiguous_ones_whatever_the_gradients_layout():
     runs = []
-    for channels_last in (False, True):
+    for channels_last, contiguous_grads in ((False, True), (True, False), (True, True)):
         model = small_conv_net()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -582,10 +582,14 @@ def test_channels_last_conv_weights_prune_like_contiguous_ones():
         opt = AdamWPrune(model.parameters(), sparsity=0.7, prune_start=2, prune_end=10, prune_every=2)
         for t in range(15):
             random_grads(model.parameters(), t)
+            if contiguous_grads:  # a gradient need not share its parameter's layout
+                for p in model.parameters():
+                    p.grad = p.grad.contiguous()
             opt.step()
         runs.append([p.detach().contiguous() for p in model.parameters()])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
 
 
 # --- 10. bad input ---
