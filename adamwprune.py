@@ -56,9 +56,8 @@ Caveats
       weights may differ from dense AdamW by one unit in the last place.
     - FSDP2 (fully_shard: Shard(0) on a 1-D mesh): each rank steps and scores its own shard and
       keeps compact state for it alone; each threshold pass sums its counts over the mesh's
-      group, so a sharded run prunes the weights one process would. Every rank calls step().
-      Save optimizer.state_dict() per rank; sparsity() reports this rank's shards.
-    - DDP: every rank computes the same mask; check_replicas verifies it.
+      group, so a sharded run prunes the weights one process would. Every rank calls step();
+      save optimizer.state_dict() per rank. DDP: check_replicas verifies that masks agree.
     - Sparse gradients, capturable (CUDA graphs) and differentiable are not supported.
 
 References: AdamW, Loshchilov & Hutter 2019 (arXiv:1711.05101); the cubic schedule,
@@ -206,9 +205,7 @@ def lowest_k(score_fns, k, device, unscored=0, group=None):
 
 # --- the optimizer ---
 CHECKS = [  # (option, allowed, what is allowed)
-    ("lr", lambda v: v >= 0.0, "must be >= 0"),
-    ("eps", lambda v: v >= 0.0, "must be >= 0"),
-    ("weight_decay", lambda v: v >= 0.0, "must be >= 0"),
+    *[(name, lambda v: v >= 0.0, "must be >= 0") for name in ("lr", "eps", "weight_decay")],
     ("capturable", lambda v: not v, "must be False: CUDA graphs cannot follow a state whose size changes"),
     ("differentiable", lambda v: not v, "must be False: the masks are not differentiable"),
     ("sparsity", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -318,14 +315,12 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def kept_mask(self, p):
         """A bool tensor shaped like p (this rank's shard of it): True where the weight is kept."""
-        state, param = self.state.get(p, {}), local(p)
-        if "kept_index" in state:
-            mask = torch.zeros_like(param, dtype=torch.bool)
-            flat_view(mask)[state["kept_index"]] = True
-            return mask
-        if "exp_avg_sq" in state:
-            return state["exp_avg_sq"] != math.inf
-        return torch.ones_like(param, dtype=torch.bool)
+        state = self.state.get(p, {})
+        if "kept_index" not in state:
+            return state["exp_avg_sq"] != math.inf if state else torch.ones_like(local(p), dtype=torch.bool)
+        mask = torch.zeros_like(local(p), dtype=torch.bool)
+        flat_view(mask)[state["kept_index"]] = True
+        return mask
 
     def load_state_dict(self, state_dict):
         # torch's loader casts every state tensor of a float parameter to its dtype (see
@@ -380,11 +375,9 @@ class AdamWPrune(torch.optim.Optimizer):
             else:
                 lists[0].append(param)
                 lists[1].append(grad)
-            lists[2].append(state["exp_avg"])
-            lists[3].append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                lists[4].append(state["max_exp_avg_sq"])
-            lists[5].append(state["step"])
+            for i, key in enumerate(("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"), start=2):
+                if key != "max_exp_avg_sq" or group["amsgrad"]:
+                    lists[i].append(state[key])
         beta1, beta2 = group["betas"]
         options = dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], eps=group["eps"],
                        maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
