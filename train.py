@@ -11,10 +11,10 @@ Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimize
     $ python train.py --compare                               # every pairing of the study, with plots
     $ torchrun --standalone --nproc-per-node 2 train.py       # 2 processes (DDP); add --fsdp to shard
 
-Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines,
-versions, and "final") and DIR/checkpoint.pt after each epoch. Accuracies are in percent.
-The data set lives on the device as uint8 tensors; batches are gathered, augmented (CIFAR-10)
-and normalised there.
+Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
+and "final") and DIR/checkpoint.pt after each epoch (under torchrun --fsdp, process N also checkpoint.rankN.pt).
+Accuracies are in percent. The data set lives on the device as uint8 tensors; batches are gathered,
+augmented (CIFAR-10) and normalised there.
 """
 import argparse
 import collections
@@ -106,7 +106,7 @@ def parse_args(argv=None, writes=True):
         f"[0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
     add("--importance", choices=IMPORTANCES, help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
     add("--epochs", type=COUNT, metavar="N", help=f"epochs to train (default: {per_model(DEFAULT_EPOCHS)})")
-    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"batch size (default: {BATCH_SIZE})")
+    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"global batch size (default: {BATCH_SIZE})")
     add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
         + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
     add("--prune-start", type=int, metavar="STEP",
