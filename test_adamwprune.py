@@ -1734,6 +1734,12 @@ def test_resume_at_the_same_world_size_ends_like_the_uninterrupted_run_and_anoth
     assert [r["exit_code"] for r in whole] == [0, 0]
     stopped = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "stopped", *flags), stop_at_epoch=2)
     assert "add --resume" in stopped[0]["exit_code"] and stopped[1]["exit_code"] == 1  # only rank 0 says it
+    if fsdp:  # rank 1's file from another epoch, as a stop while the files are written leaves them: both refuse
+        shutil.copy(tmp_path / "stopped" / "checkpoint.rank1.pt", tmp_path / "rank1-epoch1.pt")
+        shutil.copy(tmp_path / "whole" / "checkpoint.rank1.pt", tmp_path / "stopped" / "checkpoint.rank1.pt")
+        refused = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "stopped", *flags, "--resume"))
+        assert "end at epochs 1 to 3" in refused[0]["exit_code"] and refused[1]["exit_code"] == 1
+        shutil.copy(tmp_path / "rank1-epoch1.pt", tmp_path / "stopped" / "checkpoint.rank1.pt")
     resumed = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "stopped", *flags, "--resume"))
     assert [r["exit_code"] for r in resumed] == [0, 0]
     with open(tmp_path / "whole" / "results.json") as f, open(tmp_path / "stopped" / "results.json") as g:

@@ -739,7 +739,7 @@ def run(config):
             raise RunError(f"--resume: the checkpoint was made by {made_by} process(es), this run has {ranks}: resume "
                            f"with as many, e.g. torchrun --nproc-per-node {made_by} train.py and the same flags")
         if -first != last:  # a stop while they were written
-            raise RunError(f"--resume: the ranks' checkpoints end at epochs {-first} to {last}: start afresh elsewhere")
+            raise RunError(f"--resume: the ranks' checkpoints end at epochs {-first} to {last}: start in another --out")
         state.load_state_dict(saved)
         print(f"resumed from {path} after epoch {state.epoch}")
     for epoch in range(state.epoch + 1, config["epochs"] + 1):
