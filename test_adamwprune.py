@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import memory
 import plot
 import train
-from adamwprune import AdamWPrune, importance_score, lowest_k, scheduled_sparsity
+from adamwprune import AdamWPrune, importance_score, local, lowest_k, scheduled_sparsity
 from models import LeNet5, ResNet18
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1628,3 +1628,168 @@ def _replicas_disagree(rank):
 
 def test_the_replica_check_raises_when_ddp_ranks_disagree():
     on_two_ranks(_replicas_disagree)
+
+
+# --- train.py under torchrun: 2 processes on gloo, each in the environment torchrun gives it ---
+LENET5_PRUNABLE = 150 + 2400 + 48000 + 10080 + 840  # the weights of its 2 convolutions and 3 linear layers
+
+
+def _train_py_as_rank(rank, port, argv, results_dir, stop_at_epoch):
+    """train.main(argv) as rank `rank` of 2; saves how it ended and, per model trained, which
+    prunable weights are zero (this rank's shards under FSDP2)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    models, real_setup, real_evaluate, epochs = [], train.setup, train.evaluate, []
+
+    def setup(config):
+        made = real_setup(config)
+        models.append(made[0].model)
+        return made
+
+    def evaluate(*args):  # a stop (Ctrl-C) in epoch `stop_at_epoch`, on every rank
+        epochs.append(1)
+        if len(epochs) == stop_at_epoch:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+    train.setup, train.evaluate, exit_code = setup, evaluate, 0
+    try:
+        train.main(argv)
+    except SystemExit as stop:
+        exit_code = stop.code
+    zeros = [[local(p) == 0 for p in model.parameters() if p.dim() >= 2] for model in models]
+    torch.save({"zeros": zeros, "exit_code": exit_code}, os.path.join(results_dir, f"rank{rank}.pt"))
+
+
+def train_py_on_two_ranks(results_dir, argv, stop_at_epoch=None):
+    """[rank 0's, rank 1's] exit code and zero weights, as _train_py_as_rank saves them."""
+    torch.multiprocessing.start_processes(_train_py_as_rank, args=(free_port(), argv, str(results_dir), stop_at_epoch),
+                                          nprocs=2, start_method="fork")
+    return [torch.load(os.path.join(results_dir, f"rank{rank}.pt")) for rank in range(2)]
+
+
+def pruned_count(zeros_of_each_rank, sharded):
+    """Zero prunable weights of a model: the sum over FSDP2's shards, or one DDP replica's count."""
+    counts = [sum(int(z.sum()) for z in zeros) for zeros in zeros_of_each_rank]
+    return sum(counts) if sharded else counts[0]
+
+
+def test_the_ranks_slices_of_each_batch_make_up_the_one_process_batch(tiny_data):
+    config = train.parse_args(tiny_args(tiny_data, "unused"))
+    data, _ = train.load_data(config, torch.device("cpu"))
+    data.augment = True  # every rank draws the crops and flips of the whole batch
+    whole = list(data.batches(170, torch.Generator().manual_seed(0)))  # 512 images: the last batch has 2
+    parts = [list(data.batches(170, torch.Generator().manual_seed(0), rank, 3)) for rank in range(3)]
+    assert [len(part[-1][1]) for part in parts] == [0, 1, 1]  # an empty slice
+    for i, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([part[i][0] for part in parts]), x)
+        assert torch.equal(torch.cat([part[i][1] for part in parts]), y)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_prune_exactly_write_once_and_match_one_process(tiny_data, tmp_path, fsdp):
+    flags = ["--limit", "449"] + (["--fsdp"] if fsdp else [])  # 7 batches of 64, then 1 image: rank 0's slice is empty
+    ranks = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "two", *flags))
+    assert [r["exit_code"] for r in ranks] == [0, 0]
+    [zeros0], [zeros1] = ranks[0]["zeros"], ranks[1]["zeros"]
+    assert pruned_count([zeros0, zeros1], fsdp) == round(0.7 * LENET5_PRUNABLE)  # exact, over the whole model
+    if not fsdp:
+        assert all(torch.equal(a, b) for a, b in zip(zeros0, zeros1)), "the replicas prune the same weights"
+    written = {"checkpoint.pt", "results.json"} | ({"checkpoint.rank1.pt"} if fsdp else set())
+    assert set(os.listdir(tmp_path / "two")) == written  # one results.json; under FSDP2 a checkpoint per rank
+    with open(tmp_path / "two" / "results.json") as f:
+        two = json.load(f)
+    assert {k: two["environment"][k] for k in ("world_size", "backend", "sharded")} == {
+        "world_size": 2, "backend": "gloo", "sharded": fsdp}
+    assert "largest of 2 ranks" in two["memory"]["per_rank"]
+    one = tiny_run(tiny_data, tmp_path / "one", "--limit", "449")
+    assert two["final"]["sparsity"] == one["final"]["sparsity"]
+    assert two["final"]["test_accuracy"] == pytest.approx(one["final"]["test_accuracy"], abs=0.5)  # < 2 images
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_every_optimizer_and_pruning_method_of_a_comparison_runs_under_torchrun(tiny_data, tmp_path, fsdp):
+    out = tmp_path / "comparison"
+    ranks = train_py_on_two_ranks(tmp_path, compare_args(tiny_data, out, *(["--fsdp"] if fsdp else [])))
+    assert [r["exit_code"] for r in ranks] == [0, 0]
+    with open(out / "comparison.json") as f:
+        comparison = json.load(f)
+    assert [row["name"] for row in comparison["rows"]] == [name for name, *_ in train.STUDY]
+    assert comparison["environment"]["world_size"] == 2 and comparison["environment"]["sharded"] == fsdp
+    for row, zeros0, zeros1 in zip(comparison["rows"], ranks[0]["zeros"], ranks[1]["zeros"]):
+        assert pruned_count([zeros0, zeros1], fsdp) == round(row["sparsity"] * LENET5_PRUNABLE), row["name"]
+        if not fsdp:
+            assert all(torch.equal(a, b) for a, b in zip(zeros0, zeros1)), row["name"]
+        assert row["test_accuracy"] > 20, row["name"]  # it learned: chance is 10%
+
+
+def numbers_but_memory(results):
+    """numbers(results) without memory: on the CPU a process's first step measures apart (DDP's gradient
+    buckets and FSDP2's set-up are made in it), and a resumed run has a first step of its own."""
+    config, history, final, sparsity_timeline, _ = numbers(results)
+    return config, history, {k: v for k, v in final.items() if k != "peak_memory_bytes"}, sparsity_timeline
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_resume_at_the_same_world_size_ends_like_the_uninterrupted_run_and_another_is_refused(tiny_data, tmp_path,
+                                                                                                fsdp):
+    flags = ["--optimizer", "adamw", "--pruning", "movement"] + (["--fsdp"] if fsdp else [])
+    whole = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "whole", *flags))
+    assert [r["exit_code"] for r in whole] == [0, 0]
+    stopped = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "stopped", *flags), stop_at_epoch=2)
+    assert "add --resume" in stopped[0]["exit_code"] and stopped[1]["exit_code"] == 1  # only rank 0 says it
+    if fsdp:  # rank 1's file from another epoch, as a stop while the files are written leaves them: both refuse
+        shutil.copy(tmp_path / "stopped" / "checkpoint.rank1.pt", tmp_path / "rank1-epoch1.pt")
+        shutil.copy(tmp_path / "whole" / "checkpoint.rank1.pt", tmp_path / "stopped" / "checkpoint.rank1.pt")
+        refused = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "stopped", *flags, "--resume"))
+        assert "end at epochs 1 to 3" in refused[0]["exit_code"] and refused[1]["exit_code"] == 1
+        shutil.copy(tmp_path / "rank1-epoch1.pt", tmp_path / "stopped" / "checkpoint.rank1.pt")
+    resumed = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "stopped", *flags, "--resume"))
+    assert [r["exit_code"] for r in resumed] == [0, 0]
+    with open(tmp_path / "whole" / "results.json") as f, open(tmp_path / "stopped" / "results.json") as g:
+        assert numbers_but_memory(json.load(g)) == numbers_but_memory(json.load(f))
+    with pytest.raises(SystemExit) as exit_info:  # one process, where two made the checkpoint
+        train.main(tiny_args(tiny_data, tmp_path / "stopped", *flags[:4], "--resume"))
+    message = str(exit_info.value.code)
+    assert "made by 2 process(es), this run has 1" in message and "torchrun --nproc-per-node 2" in message
+    tiny_run(tiny_data, tmp_path / "one", *flags[:4])  # and two processes, where one made it
+    refused = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "one", *flags, "--resume"))
+    assert "made by 1 process(es), this run has 2" in refused[0]["exit_code"] and refused[1]["exit_code"] == 1
+
+
+def _baseline_replicas_disagree(rank):
+    model = small_net(seed=rank)  # not replicas: each rank starts from other weights
+    pruning = train.MagnitudePruning(model.parameters(), 0.5, prune_start=1, prune_end=1, prune_every=1,
+                                     check_replicas=torch.distributed.group.WORLD)
+    with pytest.raises(RuntimeError, match="replicas disagree on the mask after step 1"):
+        pruning.step()
+    same = small_net(seed=0)
+    pruning = train.MagnitudePruning(same.parameters(), 0.5, prune_start=1, prune_end=1, prune_every=1,
+                                     check_replicas=torch.distributed.group.WORLD)
+    pruning.step()  # identical replicas pass the check
+
+
+def test_the_baselines_replica_check_raises_when_ddp_ranks_disagree():
+    on_two_ranks(_baseline_replicas_disagree)
+
+
+@pytest.mark.parametrize("world_size, flags, complaint", [
+    ("2", ["--batch-size", "63"], "--batch-size is the global batch, split evenly over the 2 processes: use a "
+                                  "multiple of 2, such as 62"),
+    ("1", ["--fsdp"], "--fsdp needs several processes: torchrun --nproc-per-node 2 train.py --fsdp"),
+])
+def test_flags_that_do_not_fit_the_processes_stop_at_the_command_line(capsys, monkeypatch, world_size, flags,
+                                                                      complaint):
+    monkeypatch.setenv("WORLD_SIZE", world_size)  # as torchrun sets it
+    assert complaint in cli_error(capsys, flags)
+
+
+def test_the_distributed_code_is_one_section_of_at_most_80_lines_in_a_train_py_of_at_most_880():
+    lines = open(os.path.join(HERE, "train.py")).read().splitlines()
+    sections = [i for i, line in enumerate(lines) if line.startswith("# --- ")]
+    start = lines.index("# --- several processes: torchrun, DDP, FSDP2 ---")
+    end = sections[sections.index(start) + 1]
+    assert end - start <= 80 and len(lines) <= 880
+    outside = lines[:start] + lines[end:]
+    assert not any("dist.init_process_group" in line or "fully_shard(" in line or "DistributedDataParallel(" in line
+                   or "all_reduce" in line for line in outside)

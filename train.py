@@ -9,11 +9,12 @@ Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimize
     $ python train.py --out results/fm --resume               # continue after a stop
     $ python train.py --dry-run                               # one tiny pass, for CI
     $ python train.py --compare                               # every pairing of the study, with plots
+    $ torchrun --standalone --nproc-per-node 2 train.py       # 2 processes (DDP); add --fsdp to shard
 
-Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines,
-versions, and "final") and DIR/checkpoint.pt after each epoch. Accuracies are in percent.
-The data set lives on the device as uint8 tensors; batches are gathered, augmented (CIFAR-10)
-and normalised there.
+Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
+and "final") and DIR/checkpoint.pt after each epoch (under torchrun --fsdp, process N also checkpoint.rankN.pt).
+Accuracies are in percent. The data set lives on the device as uint8 tensors; batches are gathered,
+augmented (CIFAR-10) and normalised there.
 """
 import argparse
 import collections
@@ -31,9 +32,11 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 
-from adamwprune import IMPORTANCES, AdamWPrune, lowest_k, scheduled_sparsity, target_count
+from adamwprune import IMPORTANCES, AdamWPrune, _check_replicas, local, lowest_k, scheduled_sparsity, target_count
 import memory
 import plot
 from models import build_model
@@ -103,7 +106,7 @@ def parse_args(argv=None, writes=True):
         f"[0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
     add("--importance", choices=IMPORTANCES, help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
     add("--epochs", type=COUNT, metavar="N", help=f"epochs to train (default: {per_model(DEFAULT_EPOCHS)})")
-    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"batch size (default: {BATCH_SIZE})")
+    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"global batch size (default: {BATCH_SIZE})")
     add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
         + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
     add("--prune-start", type=int, metavar="STEP",
@@ -114,6 +117,7 @@ def parse_args(argv=None, writes=True):
         help=f"optimizer steps between mask updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
     add("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
     add("--device", type=DEVICE, default="auto", help="cpu, cuda or cuda:N (default: auto: cuda if any, else cpu)")
+    add("--fsdp", action="store_true", help="under torchrun: shard the model over the processes with FSDP2, not DDP")
     add("--amp", choices=("none", "bf16"), default="none",
         help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
     add("--data-dir", default="./data", metavar="DIR", help="where data sets are read or downloaded (default: ./data)")
@@ -161,7 +165,7 @@ def parse_args(argv=None, writes=True):
     # 2) flags that do not fit together: the first clash stops here, saying how to fix it
     compare_drops = sorted(given & {"--optimizer", "--pruning", "--lr", "--resume"})
     schedule_flags = sorted(given & {"--prune-start", "--prune-end", "--prune-every"})
-    cuda = torch.device(args.device).type == "cuda"
+    cuda, world = torch.device(args.device).type == "cuda", rank_and_world()[1]
     clashes = [
         (compare and compare_drops, "--compare runs every optimizer and pruning method with its default "
                                     f"learning rate and resumes by itself: drop {', '.join(compare_drops)}"),
@@ -183,6 +187,9 @@ def parse_args(argv=None, writes=True):
         (not 0 <= args.prune_start <= args.prune_end <= total_steps,
          f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= the run's "
          f"{total_steps} optimizer steps ({args.epochs} epochs x {epoch_steps})"),
+        (args.batch_size % world, f"--batch-size is the global batch, split evenly over the {world} processes: use "
+                                  f"a multiple of {world}, such as {max(world, args.batch_size // world * world)}"),
+        (args.fsdp and world == 1, "--fsdp needs several processes: torchrun --nproc-per-node 2 train.py --fsdp"),
         (args.resume and "checkpoint.pt" not in found,
          f"--resume: no checkpoint in {args.out}; run without --resume to start"),
         (writes and found and not (args.resume or compare or (args.dry_run and "--out" not in given)),
@@ -300,8 +307,8 @@ class DeviceData:
     def __len__(self):
         return len(self.labels)
 
-    def batches(self, batch_size, generator=None):
-        """(x, y) batches: in order, or shuffled (and augmented) from the CPU `generator`."""
+    def batches(self, batch_size, generator=None, rank=0, ranks=1):
+        """(x, y) batches: in order, or shuffled (and augmented) from the CPU `generator`; this rank's slices."""
         n, device, order = len(self), self.images.device, None
         augment = self.augment and generator is not None
         if generator is not None:  # one permutation per epoch; augmentation drawn per image, all at once
@@ -310,10 +317,11 @@ class DeviceData:
             shifts = torch.randint(0, 9, (n, 2), generator=generator).to(device)
             flips = (torch.rand(n, generator=generator) < 0.5).to(device)
         for start in range(0, n, batch_size):
-            index = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+            lo, hi = (start + min(batch_size, n - start) * r // ranks for r in (rank, rank + 1))  # this rank's slice
+            index = slice(lo, hi) if order is None else order[lo:hi]
             x = self.images[index]  # (B, C, H, W) uint8
             if augment:
-                x = random_crop_flip(x, shifts[start:start + batch_size], flips[start:start + batch_size])
+                x = random_crop_flip(x, shifts[lo:hi], flips[lo:hi])
             x = x.float().sub_(self.mean).div_(self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -341,6 +349,58 @@ def make_model(config, device):
     return model.to(memory_format=torch.channels_last) if channels_last_for(config) else model
 
 
+# --- several processes: torchrun, DDP, FSDP2 ---
+# Under torchrun every rank takes its slice of each batch and calls what follows at the same points (empty slice too).
+def rank_and_world():
+    """(this process's rank, the number of processes), from torchrun's environment; (0, 1) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def join_processes(config):
+    """Join torchrun's processes, if several: gloo on the CPU, nccl on CUDA (then "cuda" is the local rank's GPU)."""
+    if rank_and_world()[1] > 1:
+        cuda = torch.device(config["device"]).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def wrapped(model, config):
+    """The model to train: itself in one process, else a DDP replica or FSDP2 shards (each block, then the root)."""
+    if rank_and_world()[1] == 1:
+        return model
+    if not config["fsdp"]:
+        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # grads in its buckets
+    for block in model.stages if config["model"] == "resnet18" else model.children():  # BasicBlocks; layers
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def over_ranks(numbers, device, op=dist.ReduceOp.SUM):
+    """`numbers` (floats or 0-d tensors) summed over the processes (or reduced by `op`), as floats."""
+    values = torch.stack([torch.as_tensor(number, dtype=torch.float64, device=device) for number in numbers])
+    if dist.is_initialized():
+        dist.all_reduce(values, op=op)
+    return values.tolist()
+
+
+class LocalShards:
+    """A model and its optimizer as memory.py walks them, each DTensor (FSDP2) as this rank's shard."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer, self.buffers = model, optimizer, model.buffers
+
+    def parameters(self):
+        for p in self.model.parameters():
+            shard = local(p.detach())
+            shard.grad = local(p.grad)
+            yield shard
+
+    @property
+    def state(self):
+        return {p: {key: local(value) for key, value in state.items()} for p, state in self.optimizer.state.items()}
+
+
 # --- optimizer ---
 # SPAM: Huang et al. 2025, "SPAM: Spike-Aware Adam with Momentum Reset ..." (ICLR 2025, arXiv:2501.06842)
 class AdamWSPAM(torch.optim.Optimizer):
@@ -360,10 +420,9 @@ class AdamWSPAM(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  threshold=5000.0, reset_interval=500, warmup_steps=150, clip_after=20):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
-                        reset_interval=reset_interval, warmup_steps=warmup_steps, clip_after=clip_after)
+                        reset_interval=reset_interval, warmup_steps=warmup_steps, clip_after=clip_after,
+                        spam_step=0)  # spam_step: the group's step count, for resets and warmups
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            group.setdefault("spam_step", 0)  # the group's step count, for resets and warmups
 
     @torch.no_grad()
     def step(self):
@@ -405,12 +464,13 @@ class GradualPruning:
     are pruned until exactly k = target_count(s(t), N) are (ties by position; AdamWPrune's own
     threshold routine, so exact and global the same way), and every pruned weight
     is set to zero after every optimizer step. Keeps a bool mask per tensor (1 B per weight);
-    subclasses say how the weights of tensor i score (tensor_scores)."""
+    subclasses say how the weights of tensor i score (tensor_scores). FSDP2, DDP: as in AdamWPrune."""
 
-    def __init__(self, params, sparsity, prune_start, prune_end, prune_every, schedule=SCHEDULE):
+    def __init__(self, params, sparsity, prune_start, prune_end, prune_every, schedule=SCHEDULE, check_replicas=None):
         self.params = [p for p in params if p.dim() >= 2]
-        self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]  # True = kept
-        self.sparsity, self.schedule = sparsity, schedule
+        self.masks = [torch.ones_like(local(p), dtype=torch.bool) for p in self.params]  # True = kept
+        self.shards = next((p.device_mesh.get_group() for p in self.params if hasattr(p, "device_mesh")), None)
+        self.sparsity, self.schedule, self.check_replicas = sparsity, schedule, check_replicas
         self.prune_start, self.prune_end, self.prune_every = prune_start, prune_end, prune_every
         self.optimizer_step = 0
 
@@ -426,15 +486,17 @@ class GradualPruning:
             target = scheduled_sparsity(t, self.sparsity, self.schedule, self.prune_start, self.prune_end)
             self.update_masks(target)
         for p, mask in zip(self.params, self.masks):
-            p.mul_(mask)
+            local(p).mul_(mask)
 
     def update_masks(self, target):
-        k = target_count(target, sum(mask.numel() for mask in self.masks))
+        k = target_count(target, sum(p.numel() for p in self.params))  # p.numel(): the whole tensor
         score_fns = [lambda i=i: self.tensor_scores(i).flatten().float().masked_fill(
             ~self.masks[i].flatten(), -math.inf) for i in range(len(self.masks))]  # the pruned at -inf
-        found = lowest_k(score_fns, k, self.masks[0].device) if self.masks else None
+        found = lowest_k(score_fns, k, self.masks[0].device, group=self.shards) if self.masks else None
         for i, prune in found[1] if found else []:
             self.masks[i] &= ~prune.view(self.masks[i].shape)
+        if self.check_replicas is not None:  # DDP: AdamWPrune's check, that every replica found one threshold
+            _check_replicas(self.check_replicas, found[0] if found else math.nan, self.optimizer_step)
 
     def buffers(self):
         """The tensors this method keeps: for memory accounting, and all of its state but the clock."""
@@ -454,7 +516,7 @@ class MagnitudePruning(GradualPruning):
     """Prunes the smallest |w|. Keeps the mask only."""
 
     def tensor_scores(self, i):
-        return self.params[i].abs()
+        return local(self.params[i]).abs()
 
 
 # Movement pruning: Sanh, Wolf & Rush 2020, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" (2005.07683)
@@ -469,13 +531,13 @@ class MovementPruning(GradualPruning):
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
-        self.score = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]  # S, per weight
+        self.score = [torch.zeros_like(local(p), dtype=torch.float32) for p in self.params]  # S, per weight
 
     @torch.no_grad()
     def observe(self):
         for score, p in zip(self.score, self.params):
             if p.grad is not None:
-                score.addcmul_(p.grad, p, value=-1)
+                score.addcmul_(local(p.grad), local(p), value=-1)
 
     def tensor_scores(self, i):
         return self.score[i]
@@ -489,6 +551,7 @@ def make_optimizer(config, model, total_steps):
     name, lr, params = config["optimizer"], config["lr"], list(model.parameters())
     weight_decay = OPTIMIZERS[name][1]
     scheduler = pruning = None
+    replicas = dist.group.WORLD if dist.is_initialized() and not config["fsdp"] else None  # DDP: masks checked
     schedule = {key: config[key] for key in ("prune_start", "prune_end", "prune_every")}
     if name == "sgd":  # Robbins & Monro 1951, with heavy-ball momentum (Polyak 1964)
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -502,11 +565,11 @@ def make_optimizer(config, model, total_steps):
     elif name == "adamwspam":
         optimizer = AdamWSPAM(params, lr=lr, weight_decay=weight_decay)
     else:
-        optimizer = AdamWPrune(params, lr=lr, weight_decay=weight_decay, sparsity=config["sparsity"],
-                               importance=config["importance"], schedule=SCHEDULE, **schedule)
+        optimizer = AdamWPrune(params, lr=lr, weight_decay=weight_decay, sparsity=config["sparsity"], schedule=SCHEDULE,
+                               importance=config["importance"], check_replicas=replicas, **schedule)
     if config["pruning"] in ("magnitude", "movement"):
         method = MagnitudePruning if config["pruning"] == "magnitude" else MovementPruning
-        pruning = method(params, config["sparsity"], **schedule)
+        pruning = method(params, config["sparsity"], check_replicas=replicas, **schedule)
     return optimizer, scheduler, pruning
 
 
@@ -517,22 +580,23 @@ def autocast(config):
 
 @torch.no_grad()
 def evaluate(model, data, config):
-    """(mean loss, accuracy in percent) over `data`."""
+    """(mean loss, accuracy in percent) over `data` (each rank evaluates its slices)."""
     model.eval()
-    loss_sum = torch.zeros((), device=data.labels.device)
-    correct = torch.zeros((), dtype=torch.long, device=data.labels.device)
-    for x, y in data.batches(EVAL_BATCH_SIZE):
+    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # on the device until read
+    for x, y in data.batches(EVAL_BATCH_SIZE, None, *rank_and_world()):
         with autocast(config):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-    return loss_sum.item() / len(data), 100.0 * correct.item() / len(data)
+    loss_sum, correct = over_ranks([loss_sum, correct], loss_sum.device)
+    return loss_sum / len(data), 100.0 * correct / len(data)
 
 
 def prunable_sparsity(model):
     """Fraction of exactly-zero weights in the prunable tensors (2+ dims): one ruler for every method."""
-    weights = [p for p in model.parameters() if p.dim() >= 2]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    weights = [local(p) for p in model.parameters() if p.dim() >= 2]  # counted on each rank's shards (or replica)
+    zeros, n = over_ranks([sum((w == 0).sum() for w in weights), sum(w.numel() for w in weights)], weights[0].device)
+    return zeros / n
 
 
 # --- train ---
@@ -542,6 +606,7 @@ class TrainingState:
     def __init__(self, config, model, optimizer, scheduler, pruning, monitor):
         self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
         self.pruning, self.monitor = pruning, monitor  # monitor.every: steps between samples
+        self.measured = (LocalShards(model, optimizer),) * 2 if config["fsdp"] else (model, optimizer)  # by monitor
         self.generator = torch.Generator().manual_seed(config["seed"])  # data order and augmentation
         self.step, self.epoch, self.wall_seconds = 0, 0, 0.0
         self.history, self.sparsity_timeline = [], []
@@ -550,8 +615,8 @@ class TrainingState:
         return {
             "config": self.config, "epoch": self.epoch, "step": self.step, "wall_seconds": self.wall_seconds,
             "history": self.history, "sparsity_timeline": self.sparsity_timeline,
-            "memory_timeline": self.monitor.timeline,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "memory_timeline": self.monitor.timeline, "world_size": rank_and_world()[1],
+            "model": getattr(self.model, "module", self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "pruning": self.pruning.state_dict() if self.pruning else None,
             "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state(),
@@ -566,7 +631,7 @@ class TrainingState:
         self.epoch, self.step, self.wall_seconds = state["epoch"], state["step"], state["wall_seconds"]
         self.history, self.sparsity_timeline = state["history"], state["sparsity_timeline"]
         self.monitor.timeline = state["memory_timeline"]
-        self.model.load_state_dict(state["model"])
+        getattr(self.model, "module", self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -576,12 +641,6 @@ class TrainingState:
         self.generator.set_state(state["rng"]["data"])
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-def progress_line(epoch, epochs, step, steps, loss, accuracy, images_per_second, eta_seconds, memory_bytes):
-    return (f"epoch {epoch}/{epochs} [{step:>{len(str(steps))}}/{steps}] loss {loss:.4f} "
-            f"acc {accuracy:5.2f}% {images_per_second:,.0f} img/s ETA {eta_seconds:3.0f} s "
-            f"mem {memory.format_bytes(memory_bytes)}")
 
 
 def update(config, model, optimizer, scheduler, pruning):
@@ -608,41 +667,41 @@ def train(state, data, epoch, show_progress=None):
     """One epoch over `data`, shuffled (and augmented) by state.generator; (mean loss, accuracy %).
 
     On a terminal one line updates in place (every half second: that reads the loss, a sync)."""
-    model, optimizer, config = state.model, state.optimizer, state.config
+    model, optimizer, config, (rank, ranks) = state.model, state.optimizer, state.config, rank_and_world()
     show_progress = sys.stdout.isatty() if show_progress is None else show_progress
     model.train()
-    loss_sum = torch.zeros((), device=data.labels.device)
-    correct = torch.zeros((), dtype=torch.long, device=data.labels.device)
-    steps, seen = math.ceil(len(data) / config["batch_size"]), 0
+    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # this rank's
+    steps, seen = math.ceil(len(data) / config["batch_size"]), 0  # seen: this rank's images
     start = last_shown = time.perf_counter()
     buffers = state.pruning.buffers() if state.pruning else []
-    for i, (x, y) in enumerate(data.batches(config["batch_size"], state.generator), 1):
+    for i, (x, y) in enumerate(data.batches(config["batch_size"], state.generator, rank, ranks), 1):
         t = state.step + 1  # this optimizer step; memory is measured every few steps and at mask updates
-        with state.monitor.step(t, model, optimizer, buffers, sample=t % state.monitor.every == 0
+        with state.monitor.step(t, *state.measured, buffers, sample=t % state.monitor.every == 0
                                 or mask_update_due(config, t)):
-            # 1) forward and backward
+            # 1) forward and backward: the mean loss of the whole batch, as DDP and FSDP2 average over ranks
             with autocast(config):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, reduction="sum")  # over this rank's slice
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * ranks / min(config["batch_size"], len(data) - (i - 1) * config["batch_size"])).backward()
             # 2) the update
             update(config, model, optimizer, state.scheduler, state.pruning)
         state.step += 1
         # 3) bookkeeping, on the device until shown
-        loss_sum += loss.detach().float() * len(y)
+        loss_sum += loss.detach()
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if state.step % state.monitor.every == 0:
             state.sparsity_timeline.append({"step": state.step, "sparsity": prunable_sparsity(model)})
         now = time.perf_counter()
-        if show_progress and (now - last_shown > 0.5 or i == steps):
-            last_shown = now
+        if show_progress and seen and (now - last_shown > 0.5 or i == steps):  # rank 0's slices, all ranks' speed
+            last_shown, elapsed = now, now - start
             memory_bytes = state.monitor.timeline[-1]["step_peak_bytes"] if state.monitor.timeline else 0
-            print("\r" + progress_line(epoch, config["epochs"], i, steps, loss_sum.item() / seen,
-                                       100.0 * correct.item() / seen, seen / (now - start),
-                                       (now - start) / i * (steps - i), memory_bytes), end="", flush=True)
-    return loss_sum.item() / seen, 100.0 * correct.item() / seen
+            print(f"\repoch {epoch}/{config['epochs']} [{i:>{len(str(steps))}}/{steps}] loss {loss_sum / seen:.4f} "
+                  f"acc {100.0 * correct / seen:5.2f}% {seen * ranks / elapsed:,.0f} img/s ETA "
+                  f"{elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}", end="", flush=True)
+    loss_sum, correct, seen = over_ranks([loss_sum, correct, seen], loss_sum.device)
+    return loss_sum / seen, 100.0 * correct / seen
 
 
 def save_checkpoint(state, path):
@@ -658,7 +717,7 @@ def setup(config):
         raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(train_data)} training images, "
                        f"not {expected}: replace the files, or pass --limit {len(train_data)}")
     torch.manual_seed(config["seed"])
-    model = make_model(config, device)
+    model = wrapped(make_model(config, device), config)
     total_steps = config["epochs"] * steps_per_epoch(config)
     optimizer, scheduler, pruning = make_optimizer(config, model, total_steps)
     monitor = memory.MemoryMonitor(device, every=max(1, total_steps // TIMELINE_SAMPLES))
@@ -669,11 +728,20 @@ def run(config):
     """Train one configuration end to end (or on from its checkpoint); returns the results dict,
     which is also written to <out>/results.json. A `--compare` runs this once per configuration."""
     state, train_data, test_data = setup(config)
+    (rank, ranks), device = rank_and_world(), torch.device(config["device"])
     os.makedirs(config["out"], exist_ok=True)
-    checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
-    if config["resume"]:
-        state.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
-        print(f"resumed from {checkpoint_path} after epoch {state.epoch}")
+    path = os.path.join(config["out"], f"checkpoint.rank{rank}.pt" if config["fsdp"] and rank else "checkpoint.pt")
+    if config["resume"]:  # FSDP2: each rank its own shards; all check that their files hold one run, and stop alike
+        saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else {}
+        epoch, made_by = saved.get("epoch", -1), saved.get("world_size", 1)  # no file: a run of fewer processes
+        first, last, made_by = map(int, over_ranks([-epoch, epoch, made_by], device, dist.ReduceOp.MAX))
+        if made_by != ranks:
+            raise RunError(f"--resume: the checkpoint was made by {made_by} process(es), this run has {ranks}: resume "
+                           f"with as many, e.g. torchrun --nproc-per-node {made_by} train.py and the same flags")
+        if -first != last:  # a stop while they were written
+            raise RunError(f"--resume: the ranks' checkpoints end at epochs {-first} to {last}: start in another --out")
+        state.load_state_dict(saved)
+        print(f"resumed from {path} after epoch {state.epoch}")
     for epoch in range(state.epoch + 1, config["epochs"] + 1):
         start = time.perf_counter()
         train_loss, train_accuracy = train(state, train_data, epoch)
@@ -688,9 +756,13 @@ def run(config):
         print(f"epoch {epoch}/{config['epochs']} train loss {train_loss:.4f} acc {train_accuracy:5.2f}% | "
               f"test loss {test_loss:.4f} acc {test_accuracy:5.2f}% | sparsity {sparsity:6.2%} | "
               f"{epoch_seconds:.1f} s", flush=True)
-        save_checkpoint(state, checkpoint_path)
+        if rank == 0 or config["fsdp"]:
+            save_checkpoint(state, path)
     report = state.monitor.report()
-    device = torch.device(config["device"])
+    if ranks > 1:  # figures per rank: the largest over ranks
+        keys = ("peak_bytes", "mean_bytes", "process_peak_rss_bytes")
+        report.update(zip(keys, map(round, over_ranks([report[key] for key in keys], device, dist.ReduceOp.MAX))),
+                      per_rank=f"{', '.join(keys)}: the largest of {ranks} ranks; timeline: rank 0's")
     results = {
         "config": config, "history": state.history, "sparsity_timeline": state.sparsity_timeline, "memory": report,
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
@@ -698,11 +770,15 @@ def run(config):
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": importlib.util.find_spec("torchvision") and importlib.metadata.version("torchvision"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"},
+            else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+            "world_size": ranks, "backend": dist.get_backend() if ranks > 1 else None, "sharded": config["fsdp"]},
         "final": {"test_accuracy": state.history[-1]["test_accuracy"], "sparsity": prunable_sparsity(state.model),
                   "peak_memory_bytes": report["peak_bytes"], "wall_seconds": state.wall_seconds},
     }
-    plot.write_atomic(os.path.join(config["out"], "results.json"), lambda f: json.dump(results, f, indent=1))
+    if rank == 0:
+        plot.write_atomic(os.path.join(config["out"], "results.json"), lambda f: json.dump(results, f, indent=1))
+    if ranks > 1:
+        dist.barrier()  # the others wait for the one writer
     return results
 
 
@@ -767,7 +843,10 @@ def compare(config):
         else:
             print(f"--- {name}, sparsity {row_config['sparsity']:.0%}: done before, in {row_config['out']}")
         rows.append(plot.comparison_row(name, row_config, results, out))
-        plot.write_comparison(out, config, rows, results["environment"])
+        if rank_and_world()[0] == 0:  # one writer
+            plot.write_comparison(out, config, rows, results["environment"])
+    if rank_and_world()[0] > 0:
+        return rows
     paths = plot.render_svgs(out)
     print(plot.text_report(out) if config["plot"] == "text"  # the text plots end with the table
           else "\n".join(plot.table_lines(plot.load_comparison(out)[0]["rows"], plot.LABEL_COLUMNS)))
@@ -776,22 +855,25 @@ def compare(config):
 
 
 def main(argv=None):
-    config = parse_args(argv)
+    config, rank = parse_args(argv), rank_and_world()[0]
+    join_processes(config)
     try:
-        if config["compare"]:
-            compare(config)
-            return
-        results = run(config)
+        with contextlib.redirect_stdout(open(os.devnull, "w") if rank else sys.stdout):  # one writer: rank 0
+            if config["compare"]:
+                return compare(config)
+            final = run(config)["final"]
+            print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: test accuracy "
+                  f"{final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, peak memory "
+                  f"{memory.format_bytes(final['peak_memory_bytes'])}{' per rank' if rank_and_world()[1] > 1 else ''}, "
+                  f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}")
     except RunError as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error}" if rank == 0 else 1)
     except KeyboardInterrupt:
         again = "run the same command again" if config["compare"] else "add --resume to the same command"
-        sys.exit(f"\nstopped: finished epochs are saved in {config['out']}; {again} to continue")
-    final = results["final"]
-    print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: "
-          f"test accuracy {final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, "
-          f"peak memory {memory.format_bytes(final['peak_memory_bytes'])}, {final['wall_seconds']:.1f} s "
-          f"-> {os.path.join(config['out'], 'results.json')}")
+        sys.exit(f"\nstopped: finished epochs are saved in {config['out']}; {again} to continue" if rank == 0 else 1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
