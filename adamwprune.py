@@ -465,7 +465,7 @@ class AdamWPrune(torch.optim.Optimizer):
         for i, prune in found[1] if found else []:
             self._apply_prune(params[i], group, prune)
         if self.check_replicas is not None:
-            _check_replicas(self.check_replicas, found[0] if found else math.nan, group["optimizer_step"])
+            check_replicas_agree(self.check_replicas, found[0] if found else math.nan, group["optimizer_step"])
 
     def _apply_prune(self, p, group, prune):
         """Zero the weights where `prune` (over p's scored positions) and shrink p's state."""
@@ -513,7 +513,7 @@ def _shard_of(p):
     return (p.device_mesh.get_local_rank(), p.device_mesh.size()) if hasattr(p, "device_mesh") else ()
 
 
-def _check_replicas(group, threshold, step):
+def check_replicas_agree(group, threshold, step):
     """Raise on every rank unless every rank of `group` found the same threshold (its bits)."""
     bits = torch.tensor(threshold, dtype=torch.float32).view(torch.int32).item()
     low_high = torch.tensor([-bits, bits], dtype=torch.int64,

@@ -27,6 +27,11 @@ from torch.utils._pytree import tree_flatten
 # --- accounting of persistent state ---
 
 
+def storage_of(tensor):
+    """The storage behind a tensor; for a sharded DTensor (FSDP2), behind this rank's shard."""
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
+
+
 def tensor_bytes(tensors, seen=None):
     """Bytes of the storages behind `tensors`, each storage counted once (views share one)."""
     seen = set() if seen is None else seen
@@ -34,7 +39,7 @@ def tensor_bytes(tensors, seen=None):
     for t in tensors:
         if t is None:
             continue
-        storage = t.untyped_storage()
+        storage = storage_of(t)
         key = (t.device, storage.data_ptr())
         if key in seen:
             continue
@@ -117,14 +122,14 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.peak_bytes = 0
         self._storage_refs = {}  # id(storage) -> weak reference, while the storage is alive
         for t in existing:  # counted from the start, and uncounted if the region frees them
-            self._count(t.untyped_storage())
+            self._count(storage_of(t))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {id(storage_of(t)) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:  # views, in-place: not new
-                self._count(t.untyped_storage())
+            if isinstance(t, torch.Tensor) and id(storage_of(t)) not in inputs:  # views, in-place: not new
+                self._count(storage_of(t))
         return out
 
     def _count(self, storage):

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 
-from adamwprune import IMPORTANCES, AdamWPrune, _check_replicas, local, lowest_k, scheduled_sparsity, target_count
+from adamwprune import IMPORTANCES, AdamWPrune, check_replicas_agree, local, lowest_k, scheduled_sparsity, target_count
 import memory
 import plot
 from models import build_model
@@ -384,23 +384,6 @@ def over_ranks(numbers, device, op=dist.ReduceOp.SUM):
     return values.tolist()
 
 
-class LocalShards:
-    """A model and its optimizer as memory.py walks them, each DTensor (FSDP2) as this rank's shard."""
-
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer, self.buffers = model, optimizer, model.buffers
-
-    def parameters(self):
-        for p in self.model.parameters():
-            shard = local(p.detach())
-            shard.grad = local(p.grad)
-            yield shard
-
-    @property
-    def state(self):
-        return {p: {key: local(value) for key, value in state.items()} for p, state in self.optimizer.state.items()}
-
-
 # --- optimizer ---
 # SPAM: Huang et al. 2025, "SPAM: Spike-Aware Adam with Momentum Reset ..." (ICLR 2025, arXiv:2501.06842)
 class AdamWSPAM(torch.optim.Optimizer):
@@ -496,7 +479,7 @@ class GradualPruning:
         for i, prune in found[1] if found else []:
             self.masks[i] &= ~prune.view(self.masks[i].shape)
         if self.check_replicas is not None:  # DDP: AdamWPrune's check, that every replica found one threshold
-            _check_replicas(self.check_replicas, found[0] if found else math.nan, self.optimizer_step)
+            check_replicas_agree(self.check_replicas, found[0] if found else math.nan, self.optimizer_step)
 
     def buffers(self):
         """The tensors this method keeps: for memory accounting, and all of its state but the clock."""
@@ -606,7 +589,6 @@ class TrainingState:
     def __init__(self, config, model, optimizer, scheduler, pruning, monitor):
         self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
         self.pruning, self.monitor = pruning, monitor  # monitor.every: steps between samples
-        self.measured = (LocalShards(model, optimizer),) * 2 if config["fsdp"] else (model, optimizer)  # by monitor
         self.generator = torch.Generator().manual_seed(config["seed"])  # data order and augmentation
         self.step, self.epoch, self.wall_seconds = 0, 0, 0.0
         self.history, self.sparsity_timeline = [], []
@@ -676,7 +658,7 @@ def train(state, data, epoch, show_progress=None):
     buffers = state.pruning.buffers() if state.pruning else []
     for i, (x, y) in enumerate(data.batches(config["batch_size"], state.generator, rank, ranks), 1):
         t = state.step + 1  # this optimizer step; memory is measured every few steps and at mask updates
-        with state.monitor.step(t, *state.measured, buffers, sample=t % state.monitor.every == 0
+        with state.monitor.step(t, model, optimizer, buffers, sample=t % state.monitor.every == 0
                                 or mask_update_due(config, t)):
             # 1) forward and backward: the mean loss of the whole batch, as DDP and FSDP2 average over ranks
             with autocast(config):
