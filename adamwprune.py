@@ -522,3 +522,58 @@ def check_replicas_agree(group, threshold, step):
     if -int(low_high[0]) != int(low_high[1]):
         raise RuntimeError(f"AdamWPrune: replicas disagree on the mask after step {step}: their thresholds "
                            "differ; ranks passed as check_replicas must hold identical weights and gradients (DDP)")
+
+
+# --- the pruned model, smaller on disk ---
+def compact_state_dict(model_or_state_dict, values_dtype=None):
+    """A copy of a state_dict in which each floating-point tensor that comes out smaller is kept
+    as its non-zero values (rounded to values_dtype, if given) and their positions: a bitmask
+    packed 8 to a byte, or int32 indices if fewer bytes. Other entries stay as they are. It loads
+    with torch.load(weights_only=True); dense_state_dict gives the plain state_dict back."""
+    state = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
+    compact = {}
+    for name, tensor in state.items():
+        if not torch.is_tensor(tensor):
+            raise TypeError(f"compact_state_dict: {name!r} is a {type(tensor).__name__}, not a tensor")
+        flat = tensor.detach().reshape(-1).cpu()
+        kept = flat != 0
+        count = int(kept.count_nonzero())
+        where_bytes = min((flat.numel() + 7) // 8, 4 * count)  # a bitmask or int32 indices
+        if (not tensor.is_floating_point() or
+                count * (values_dtype or tensor.dtype).itemsize + where_bytes >= flat.numel() * tensor.element_size()):
+            compact[name] = tensor
+            continue
+        entry = {"shape": tuple(tensor.shape), "dtype": tensor.dtype, "values": flat[kept].to(values_dtype or tensor.dtype)}
+        if where_bytes < 4 * count:
+            bits = torch.nn.functional.pad(kept, (0, -flat.numel() % 8)).view(-1, 8).to(torch.uint8)
+            entry["bitmask"] = (bits << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+        else:
+            entry["indices"] = kept.nonzero().flatten().to(torch.int32)
+        compact[name] = entry
+    return compact
+
+
+def dense_state_dict(compact):
+    """The plain state_dict of a compact_state_dict, for model.load_state_dict(strict=True)."""
+    dense = {}
+    for name, entry in compact.items():
+        if torch.is_tensor(entry):
+            dense[name] = entry
+            continue
+        try:
+            numel = math.prod(entry["shape"])
+            if "bitmask" in entry:
+                where = (entry["bitmask"].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8) & 1).bool().flatten()
+                if where.numel() != (numel + 7) // 8 * 8 or where[numel:].any():
+                    raise ValueError(f"a bitmask of {where.numel()} bits for {numel} elements")
+                where = where[:numel]
+            else:
+                where = torch.zeros(numel, dtype=torch.bool)
+                where[entry["indices"].long()] = True
+            tensor = torch.zeros(numel, dtype=entry["dtype"])
+            tensor[where] = entry["values"].to(entry["dtype"])  # raises unless the counts agree
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, ValueError) as error:
+            raise ValueError(f"dense_state_dict: entry {name!r} is not a compact tensor ({error}); the file "
+                             "is damaged or was not written by compact_state_dict") from None
+        dense[name] = tensor.view(entry["shape"])
+    return dense

@@ -13,11 +13,13 @@ What is measured, and how:
 """
 import argparse
 import contextlib
+import io
 import os
 import resource
 import statistics
 import sys
 import time
+import warnings
 import weakref
 
 import torch
@@ -377,6 +379,48 @@ def sharded_state_bytes(model_name, device, sparsity=0.7):
     return per_rank, optimizer_state_bytes(one_process.optimizer), sum(p.numel() for p in one_process.prunable)
 
 
+# --- the pruned model: its file, and inference with sparse tensors ---
+
+
+def saved_bytes(obj):
+    """Bytes of `obj` as torch.save writes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell()
+
+
+def pruned_model_report(model_name, repeats, sparsity=0.7):
+    """Lines on a model pruned to `sparsity` by AdamWPrune: its compact file against the dense
+    state_dict, fp32 and bf16 values; and, for LeNet-5's linear layers, one batch through dense
+    weights with zeros against torch.sparse CSR matrices."""
+    from adamwprune import compact_state_dict
+    rig = Rig(model_name, "adamwprune", "state", sparsity, "cpu")
+    rig.train_step()  # prunes to `sparsity` at step 1
+    dense_bytes = saved_bytes(rig.model.state_dict())
+    lines = [f"{model_name}: dense state_dict {format_bytes(dense_bytes)}; compact file: " + ", ".join(
+        f"{name} values {format_bytes(b)} ({b / dense_bytes:.3f}x)" for name, b in
+        (("fp32", saved_bytes(compact_state_dict(rig.model))),
+         ("bf16", saved_bytes(compact_state_dict(rig.model, values_dtype=torch.bfloat16)))))]
+    linears = [m for m in rig.model.modules() if isinstance(m, torch.nn.Linear)]
+    if model_name == "lenet5":
+        x = torch.randn(BATCH_SIZE[model_name], linears[0].in_features)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            csr = [m.weight.detach().to_sparse_csr() for m in linears]
+
+        def run(weights):
+            h = x
+            for m, w in zip(linears, weights):
+                h = (torch.sparse.mm(w, h.t()).t() if w.layout == torch.sparse_csr else h @ w.t()) + m.bias
+            return h
+        with torch.no_grad():
+            seconds = median_seconds({"dense": lambda: run([m.weight for m in linears]), "csr": lambda: run(csr)},
+                                     repeats)
+        lines.append(f"{model_name} linear layers, batch {len(x)}: dense with zeros {seconds['dense'] * 1e3:.3f} ms, "
+                     f"CSR {seconds['csr'] * 1e3:.3f} ms ({seconds['csr'] / seconds['dense']:.2f}x)")
+    return lines
+
+
 # --- the data path: train.py's training loop against the bare loop ---
 
 
@@ -428,17 +472,24 @@ def main(argv=None):
                         help="timed updates per row; medians are reported (default: 20)")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: AdamWPrune's state on each "
                         "rank with the model sharded by FSDP2, at 70%% sparsity (default: off)")
+    parser.add_argument("--pruned-model", action="store_true", help="the compact file of a 70%%-sparse model "
+                        "against the dense state_dict, and inference with CSR weights (default: off)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     device = torch.device(args.device)
+    models = ["lenet5", "resnet18"] if args.model == "all" else [args.model]
+    if args.pruned_model:
+        for model_name in models:
+            print("\n".join(pruned_model_report(model_name, args.repeats)))
+        return
     if args.fsdp:
         if "WORLD_SIZE" not in os.environ:
             parser.error("--fsdp runs under torchrun: torchrun --standalone --nproc_per_node 2 memory.py --fsdp")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        for model_name in (["lenet5", "resnet18"] if args.model == "all" else [args.model]):
+        for model_name in models:
             per_rank, one_process, prunable = sharded_state_bytes(model_name, device)
             if int(os.environ["RANK"]) == 0:
                 print(f"{model_name}: AdamWPrune at 70% sparsity, optimizer state {format_bytes(one_process)} in one "
@@ -458,7 +509,7 @@ def main(argv=None):
               f"{'mask update':>11}")
     print(header)
     print("-" * len(header))
-    for model_name in (["lenet5", "resnet18"] if args.model == "all" else [args.model]):
+    for model_name in models:
         for r in benchmark(model_name, device, args.repeats):
             mask_update = f"{r['mask_update_fused_steps']:>10.1f}x" if "mask_update_fused_steps" in r else ""
             print(f"{r['model']:<9} {r['optimizer'] + ' + ' + r['pruning']:<22} {r['phase']:<7} "

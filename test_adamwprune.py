@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import memory
 import plot
 import train
-from adamwprune import AdamWPrune, importance_score, local, lowest_k, scheduled_sparsity
+from adamwprune import (AdamWPrune, compact_state_dict, dense_state_dict, importance_score, local, lowest_k,
+                        scheduled_sparsity)
 from models import LeNet5, ResNet18
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -626,7 +627,86 @@ def test_sparse_gradients_raise_a_clear_error():
         opt.step()
 
 
-# --- 11. copyable alone ---
+# --- 11. the pruned model, smaller on disk ---
+
+
+def pruned_by_adamwprune(steps=60):
+    """small_conv_net trained on a learnable task to 70% sparsity; (model, x, y)."""
+    model = small_conv_net()
+    x = torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = x[:, 0, :5, 0].argmax(1)
+    opt = AdamWPrune(model.parameters(), lr=1e-2, sparsity=0.7, prune_start=5, prune_end=30, prune_every=5)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def saved_and_loaded(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True), size
+
+
+def test_a_compact_state_dict_loads_back_bit_identical_and_strictly_into_the_model():
+    model, x, y = pruned_by_adamwprune()
+    loaded, _ = saved_and_loaded(compact_state_dict(model))
+    fresh = small_conv_net(seed=1)
+    fresh.load_state_dict(dense_state_dict(loaded), strict=True)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(isinstance(entry, dict) for entry in loaded.values())  # something was compacted
+    assert torch.is_tensor(loaded["0.bias"])  # a bias without zeros stays as it is
+
+
+def test_a_model_pruned_by_a_baseline_compacts_too_and_bf16_values_keep_its_accuracy():
+    model, x, y = pruned_by_adamwprune()
+    accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.8
+    baseline = train.MagnitudePruning(list(model.parameters()), 0.8, prune_start=1, prune_end=1, prune_every=1)
+    baseline.step()  # 80% by magnitude, the baseline's own masks
+    for values_dtype in (None, torch.bfloat16):
+        loaded, _ = saved_and_loaded(compact_state_dict(model, values_dtype=values_dtype))
+        fresh = small_conv_net(seed=1)
+        fresh.load_state_dict(dense_state_dict(loaded))
+        assert zeros_fraction(prunable(fresh)) == zeros_fraction(prunable(model))
+        for a, b in zip(model.parameters(), fresh.parameters()):  # bf16: 8 bits of mantissa
+            assert torch.allclose(a, b, rtol=0 if values_dtype is None else 2 ** -8, atol=0)
+        reloaded_accuracy = (fresh(x).argmax(1) == y).float().mean().item()
+        assert reloaded_accuracy == pytest.approx((model(x).argmax(1) == y).float().mean().item(), abs=0.02)
+
+
+@pytest.mark.parametrize("values_dtype, value_bytes", [(None, 4), (torch.bfloat16, 2)])
+def test_the_file_holds_the_kept_values_and_one_bit_per_weight(values_dtype, value_bytes):
+    layer = nn.Linear(1000, 1000, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(1000, 1000, generator=torch.Generator().manual_seed(0)) < 0.3)
+    kept = int((layer.weight != 0).sum())
+    _, dense_bytes = saved_and_loaded(layer.state_dict())
+    _, compact_bytes = saved_and_loaded(compact_state_dict(layer, values_dtype=values_dtype))
+    formula_bytes = kept * value_bytes + 10**6 / 8  # values, and the packed mask
+    assert formula_bytes <= compact_bytes <= formula_bytes + 2048  # + the file's own overhead
+    assert compact_bytes < (0.36 if value_bytes == 4 else 0.2) * dense_bytes
+
+
+def test_damaged_compact_entries_and_non_tensors_get_a_clear_error():
+    model, _, _ = pruned_by_adamwprune(steps=10)
+    compact = compact_state_dict(model)
+    name = next(name for name, entry in compact.items() if isinstance(entry, dict))
+    short = {**compact, name: {**compact[name], "bitmask": compact[name]["bitmask"][:-1]}}
+    with pytest.raises(ValueError, match=f"entry '{name}' is not a compact tensor.*damaged"):
+        dense_state_dict(short)
+    fewer_values = {**compact, name: {**compact[name], "values": compact[name]["values"][1:]}}
+    with pytest.raises(ValueError, match="damaged"):
+        dense_state_dict(fewer_values)
+    with pytest.raises(TypeError, match="'step' is a int, not a tensor"):
+        compact_state_dict({**model.state_dict(), "step": 3})
+
+
+# --- 12. copyable alone ---
 
 
 def test_adamwprune_py_imports_only_torch_and_the_standard_library():
