@@ -9,7 +9,8 @@ Plots of a comparison from its saved results: hand-written SVG and terminal text
 The SVGs: comparison.svg (six panels), memory_timeline.svg, memory_vs_accuracy.svg and, when several
 sparsities were swept, accuracy_vs_sparsity.svg. A sweep's other figures show the dense rows and the
 rows at the highest sparsity; the text plots show every row. A row whose results.json is missing keeps
-its bars (their numbers are in comparison.json) and loses its curves, with a note.
+its bars (their numbers are in comparison.json) and loses its curves, with a note. A damaged file
+(not JSON, or lacking keys) stops plot.py with one line: the file, what is wrong, what to do.
 
 comparison.json and .csv are written here as well as read (write_comparison, called by train.py
 --compare), so their format lives in one file; write_atomic writes every result file of the project.
@@ -48,23 +49,32 @@ SPARKS = {False: "▁▂▃▄▅▆▇█", True: "_.-:=+*#"}  # keyed by ascii
 EIGHTHS = "▏▎▍▌▋▊▉"
 HOW_TO_MAKE = "make it with `python train.py --compare --out {}`"
 ROW_KEYS = ("name", "sparsity", "results_dir", "test_accuracy", "peak_memory_mib", "efficiency")  # in comparison.json
+RESULTS_KEYS = (  # what train.py --compare and the plots read of a row's results.json ("final.sparsity": in "final")
+    "config", "environment", "history", "sparsity_timeline", "memory.mean_bytes", "memory.timeline",
+    "final.test_accuracy", "final.sparsity", "final.peak_memory_bytes", "final.wall_seconds")
 
 
 # --- data ---
 class PlotInputError(Exception):
-    """Input that cannot be plotted; the message says what is missing and how to make it."""
+    """A result file that is missing or damaged; the message names it, says what is wrong and what to do."""
 
 
 def write_atomic(path, write, binary=False):
     """Call write(file) on a temporary file beside `path`, then rename it over `path`: a crash
-    leaves the old file or the new one, never half of one."""
+    leaves the old file or the new one, never half of one. The temporary file is named after `path`
+    (results.json.x1y2z3.tmp); readers never open it, and those a crash left are removed by the next write."""
+    directory, name = os.path.split(path)
+    directory = directory or "."
     with tempfile.NamedTemporaryFile("wb" if binary else "w", encoding=None if binary else "utf-8",
-                                     dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
+                                     dir=directory, prefix=name + ".", suffix=".tmp", delete=False) as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.chmod(f.name, 0o644)  # tempfile makes files private; results are for reading
     os.replace(f.name, path)
+    for left in os.listdir(directory):  # only this file's: under torchrun other ranks write theirs meanwhile
+        if left.startswith(name + ".") and left.endswith(".tmp"):
+            os.remove(os.path.join(directory, left))
 
 
 def comparison_row(name, config, results, results_dir):
@@ -94,37 +104,58 @@ def write_comparison(results_dir, config, rows, environment):
     write_atomic(os.path.join(results_dir, "comparison.csv"), write_csv)
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def lookup(data, key):
+    """data["final"]["sparsity"] for the key "final.sparsity"; None where a part is missing."""
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def read_json(path, keys, fix):
+    """The JSON object in `path`, holding each of `keys`; otherwise PlotInputError: the file, what is wrong, `fix`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as error:  # ValueError: not JSON (cut short, overwritten), or not UTF-8
+        raise PlotInputError(f"{path} cannot be read as JSON ({error}): {fix}") from None
+    missing = [key for key in keys if lookup(data, key) is None]
+    if missing:
+        raise PlotInputError(f"{path} lacks {', '.join(missing)}: {fix}")
+    return data
+
+
+def read_results(path):
+    """A row's results.json, holding what a comparison reads of it; None where there is no such file."""
+    fix = f"delete that row's folder {os.path.dirname(path)} and rerun the comparison"
+    return read_json(path, RESULTS_KEYS, fix) if os.path.exists(path) else None
 
 
 def load_comparison(results_dir):
-    """(comparison.json, {row label: that row's results.json}); rows without results.json are left out.
+    """(comparison.json, {row label: that row's results.json}); rows without results.json are left out,
+    a damaged file stops with PlotInputError.
 
     Each row gets a "label": its name, plus " @ 70%" where a sweep repeats the name."""
-    path = os.path.join(results_dir, "comparison.json")
+    path, remake = os.path.join(results_dir, "comparison.json"), "re" + HOW_TO_MAKE.format(results_dir)
     if not os.path.isdir(results_dir):
         raise PlotInputError(f"no directory {results_dir}: {HOW_TO_MAKE.format(results_dir)}")
     if not os.path.isfile(path):
         raise PlotInputError(f"{results_dir} has no comparison.json: {HOW_TO_MAKE.format(results_dir)}")
+    comparison = read_json(path, ("rows",), remake)
+    rows = comparison["rows"]
     try:
-        comparison = read_json(path)
-        rows = comparison["rows"]
         lacking = next((f"row {i} has no usable {key!r}" for i, row in enumerate(rows) for key in ROW_KEYS
                         if row.get(key) is None or row[key] in (math.inf, -math.inf) or row[key] != row[key]),
                        None if rows else "it lists no rows")  # x != x: NaN
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        lacking = f"it is unreadable ({error!r})"
+    except (TypeError, AttributeError):
+        lacking = "its rows are not a list of objects"
     if lacking:
-        raise PlotInputError(f"{path} will not plot: {lacking}; re{HOW_TO_MAKE.format(results_dir)}")
+        raise PlotInputError(f"{path} will not plot: {lacking}; {remake}")
     names, results = [row["name"] for row in rows], {}
     for row in rows:
         row["label"] = row["name"] + (f" @ {percent(row['sparsity'])}" if names.count(row["name"]) > 1 else "")
-        try:
-            results[row["label"]] = read_json(os.path.join(results_dir, row["results_dir"], "results.json"))
-        except (OSError, ValueError):
-            pass
+        found = read_results(os.path.join(results_dir, row["results_dir"], "results.json"))
+        if found:  # a row without results.json keeps its bars and loses its curves
+            results[row["label"]] = found
     return comparison, results
 
 

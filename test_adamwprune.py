@@ -1564,6 +1564,194 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tiny_data, tmp_path, 
     assert "stopped" in str(exit_info.value.code) and "--resume" in str(exit_info.value.code)
 
 
+# --- damaged files: one line that names the file, what is wrong with it and what to do; nothing touched ---
+
+def files_in(folder):
+    """{path below folder: bytes} of every file there."""
+    return {os.path.relpath(os.path.join(directory, name), folder): open(os.path.join(directory, name), "rb").read()
+            for directory, _, names in os.walk(folder) for name in names}
+
+
+def one_line_exit(capsys, run):
+    """The line `run` exits with; nothing printed on the way is a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    message, printed = str(exit_info.value.code), capsys.readouterr()
+    assert "\n" not in message and "Traceback" not in printed.out + printed.err
+    return message
+
+
+def torch_bytes(value):
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def checkpoint_without(*keys):
+    return lambda data: torch_bytes({key: value for key, value in torch.load(io.BytesIO(data)).items()
+                                     if key not in keys})
+
+
+UNREADABLE_CHECKPOINT = "cannot be read (cut short, damaged, or no PyTorch file)"
+CHECKPOINT_DAMAGE = {  # name: (damage(the file's bytes) -> the damaged file's bytes, what the line says is wrong)
+    "garbage": (lambda data: random.Random(0).randbytes(len(data)), UNREADABLE_CHECKPOINT),
+    "cut short": (lambda data: data[:len(data) // 2], UNREADABLE_CHECKPOINT),
+    "empty": (lambda data: b"", UNREADABLE_CHECKPOINT),
+    "another program's": (lambda data: torch_bytes({"epoch": 1, "model": LeNet5(1, 10, 28).state_dict()}),
+                          "is no train.py checkpoint: it lacks config, step, wall_seconds, history, sparsity_timeline, "
+                          "memory_timeline, world_size, optimizer, scheduler, pruning, rng"),
+    "lacking keys": (checkpoint_without("optimizer", "rng"), "is no train.py checkpoint: it lacks optimizer, rng"),
+}
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_data, tmp_path_factory):
+    """The folder of a finished one-epoch run: checkpoint.pt and results.json."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    tiny_run(tiny_data, out, "--epochs", "1")
+    return out
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
+def test_resume_from_a_damaged_checkpoint_stops_with_one_line_and_touches_no_file(finished_run, tiny_data, tmp_path,
+                                                                                 capsys, damage):
+    out, (damaged, what) = tmp_path / "run", CHECKPOINT_DAMAGE[damage]
+    shutil.copytree(finished_run, out)
+    (out / "checkpoint.pt").write_bytes(damaged((out / "checkpoint.pt").read_bytes()))
+    before = files_in(out)
+    message = one_line_exit(capsys, lambda: train.main(tiny_args(tiny_data, out, "--epochs", "1", "--resume")))
+    assert message == (f"error: --resume: {out / 'checkpoint.pt'} {what}: delete it and start afresh without --resume, "
+                       "or pass another --out")
+    assert files_in(out) == before
+
+
+def inside_gzip(damage):
+    return lambda data: gzip.compress(damage(gzip.decompress(data)))
+
+
+IDX_DAMAGE = {  # name: (file in MNIST/raw, damage(the bytes of that file's .gz) -> its bytes, what the line says is wrong)
+    "wrong magic": ("train-images-idx3-ubyte.gz", inside_gzip(lambda idx: b"\x00\x00\x0d" + idx[3:]),
+                    "is not an IDX file of uint8 values"),
+    "cut short": ("train-images-idx3-ubyte.gz", inside_gzip(lambda idx: idx[:16 + 1000]),
+                  "is cut short or damaged (header [512, 28, 28], 1000 values)"),
+    "cut short, not gzipped": ("t10k-images-idx3-ubyte", lambda data: gzip.decompress(data)[:-784],
+                               "is cut short or damaged (header [256, 28, 28], 199920 values)"),
+    "a header that disagrees": ("t10k-labels-idx1-ubyte.gz", inside_gzip(lambda idx: idx[:4] + bytes([0, 0, 1, 44])
+                                                                          + idx[8:]),
+                                "is cut short or damaged (header [300], 256 values)"),
+    "gzip stream cut short": ("train-labels-idx1-ubyte.gz", lambda data: data[:len(data) // 2],
+                              "cannot be read (Compressed file ended before the end-of-stream marker was reached)"),
+    "no gzip at all": ("train-labels-idx1-ubyte.gz", lambda data: b"no gzip here",
+                       "cannot be read (Not a gzipped file (b'no'))"),
+}
+
+
+@pytest.mark.parametrize("damage", IDX_DAMAGE)
+def test_a_damaged_idx_file_stops_the_run_with_one_line_and_touches_no_file(tiny_data, tmp_path, capsys, damage):
+    data, (name, damaged, what) = tmp_path / "data", IDX_DAMAGE[damage]
+    shutil.copytree(tiny_data, data)
+    raw = data / "MNIST" / "raw"
+    (raw / name).write_bytes(damaged((raw / name.removesuffix(".gz")).with_suffix(".gz").read_bytes()))
+    before = files_in(data)
+    message = one_line_exit(capsys, lambda: train.main(tiny_args(str(data), tmp_path / "run")))
+    assert message == f"error: {raw / name} {what}: re-copy the data set"
+    assert files_in(data) == before and not os.path.exists(tmp_path / "run")
+
+
+JSON_DAMAGE = {  # name: (damage(the file's bytes) -> the damaged file's bytes, how the line's "what is wrong" starts)
+    "garbage": (lambda data: b"\x00" * len(data), "cannot be read as JSON (Expecting value: line 1 column 1 (char 0))"),
+    "cut short": (lambda data: data[:len(data) // 2], "cannot be read as JSON ("),
+    "not UTF-8": (lambda data: b"\xff" + data,
+                  "cannot be read as JSON ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
+    "lacking keys": (lambda data: json.dumps({k: v for k, v in json.loads(data).items() if k not in ("final", "history")})
+                     .encode(), "lacks history, final.test_accuracy, final.sparsity, final.peak_memory_bytes, "
+                                "final.wall_seconds"),
+}
+
+
+@pytest.mark.parametrize("damage", JSON_DAMAGE)
+def test_a_comparison_with_a_damaged_row_stops_with_one_line_before_it_writes_anything(tiny_data, tmp_path, capsys,
+                                                                                         damage):
+    out, (damaged, what) = tmp_path / "comparison", JSON_DAMAGE[damage]
+    train.main(compare_args(tiny_data, out))
+    row = out / json.loads((out / "comparison.json").read_text())["rows"][3]["results_dir"]
+    (row / "results.json").write_bytes(damaged((row / "results.json").read_bytes()))
+    before = files_in(out)
+    message = one_line_exit(capsys, lambda: train.main(compare_args(tiny_data, out)))
+    assert message.startswith(f"error: {row / 'results.json'} {what}")
+    assert message.endswith(f": delete that row's folder {row} and rerun the comparison")
+    assert files_in(out) == before  # the comparison's files, and every row's results and checkpoint
+
+
+PLOT_DAMAGE = {  # name: (file below the comparison's folder, its damage, what the line says is wrong, how it ends)
+    **{f"comparison.json: {name}": ("comparison.json", damaged, what, "remake it with `python train.py --compare --out "
+                                                                    "{}`")
+       for name, (damaged, what) in list(JSON_DAMAGE.items())[:3]},
+    "comparison.json: lacking rows": ("comparison.json", lambda data: json.dumps({"model": "lenet5"}).encode(),
+                                      "lacks rows", "remake it with `python train.py --compare --out {}`"),
+    **{f"a row's results.json: {name}": (os.path.join("lenet5-adam-movement-0.7", "results.json"), damaged, what,
+                                        "delete that row's folder {}/lenet5-adam-movement-0.7 and rerun the comparison")
+       for name, (damaged, what) in JSON_DAMAGE.items()},
+}
+
+
+@pytest.mark.parametrize("damage", PLOT_DAMAGE)
+def test_plot_py_on_a_damaged_file_exits_2_with_one_line_and_writes_nothing(tmp_path, damage):
+    name, damaged, what, fix = PLOT_DAMAGE[damage]
+    directory = make_comparison(tmp_path)
+    path = os.path.join(directory, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(damaged(data))
+    before = files_in(directory)
+    done = subprocess.run([sys.executable, "plot.py", directory], capture_output=True, text=True, cwd=HERE)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"plot.py: error: {path} {what}") and done.stderr.count("\n") == 1
+    assert done.stderr.endswith(f": {fix.format(directory)}\n")
+    assert files_in(directory) == before
+
+
+def test_a_crash_mid_write_leaves_the_old_file_and_a_temporary_one_that_the_next_write_removes(tiny_data, tmp_path,
+                                                                                                 monkeypatch):
+    class Killed(Exception):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_stop(state, path):  # a run stopped after its first epoch
+        real_save(state, path)
+        raise Killed
+
+    def die_half_way(f):  # a crash in the middle of a write
+        f.write(b"half a file")
+        raise Killed
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(Killed):
+        train.main(tiny_args(tiny_data, tmp_path, "--epochs", "2"))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    checkpoint = (tmp_path / "checkpoint.pt").read_bytes()
+    for name in ("checkpoint.pt", "results.json"):
+        with pytest.raises(Killed):
+            plot.write_atomic(str(tmp_path / name), die_half_way, binary=True)
+    left = sorted(os.listdir(tmp_path))
+    assert left[0] == "checkpoint.pt" and (tmp_path / "checkpoint.pt").read_bytes() == checkpoint  # the old one, whole
+    assert [name.split(".tmp")[0].rsplit(".", 1)[0] for name in left[1:]] == ["checkpoint.pt", "results.json"]
+    results = tiny_run(tiny_data, tmp_path, "--epochs", "2", "--resume")  # reads checkpoint.pt, not the .tmp
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "results.json"]
+
+
+def test_a_write_removes_the_temporary_files_of_its_own_file_only(tmp_path):
+    leftovers = ["checkpoint.pt.a1b2.tmp", "checkpoint.rank1.pt.c3d4.tmp", "results.json.e5f6.tmp"]
+    for name in leftovers:  # checkpoint.rank1.pt's: under torchrun --fsdp, rank 1 may be writing it right now
+        (tmp_path / name).write_bytes(b"half a file")
+    plot.write_atomic(str(tmp_path / "checkpoint.pt"), lambda f: f.write(b"whole"), binary=True)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"] + leftovers[1:]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"whole"
+
+
 # --- several processes: FSDP2 shards and DDP replicas (2 ranks on gloo, fork-started) ---
 
 
@@ -1835,6 +2023,21 @@ def test_resume_at_the_same_world_size_ends_like_the_uninterrupted_run_and_anoth
     tiny_run(tiny_data, tmp_path / "one", *flags[:4])  # and two processes, where one made it
     refused = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, tmp_path / "one", *flags, "--resume"))
     assert "made by 1 process(es), this run has 2" in refused[0]["exit_code"] and refused[1]["exit_code"] == 1
+
+
+def test_under_fsdp_a_damaged_checkpoint_of_any_rank_stops_every_rank_and_rank_0_says_which(tiny_data, tmp_path):
+    out, flags = tmp_path / "run", ["--epochs", "1", "--fsdp"]
+    assert [r["exit_code"] for r in train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, out, *flags))] == [0, 0]
+    for name, what in [("checkpoint.rank1.pt", "rank 1 cannot read checkpoint.rank1.pt"),
+                       ("checkpoint.pt", f"{out / 'checkpoint.pt'} {UNREADABLE_CHECKPOINT}")]:
+        intact = (out / name).read_bytes()
+        (out / name).write_bytes(intact[:len(intact) // 2])
+        before = files_in(out)
+        ranks = train_py_on_two_ranks(tmp_path, tiny_args(tiny_data, out, *flags, "--resume"))
+        assert ranks[0]["exit_code"] == (f"error: --resume: {what}: delete it and start afresh without --resume, "
+                                         "or pass another --out")
+        assert ranks[1]["exit_code"] == 1 and files_in(out) == before
+        (out / name).write_bytes(intact)
 
 
 def _baseline_replicas_disagree(rank):

@@ -212,7 +212,7 @@ def steps_per_epoch(config):
 
 
 class RunError(Exception):
-    """A problem the user can fix (missing data, a checkpoint from other flags): main() prints it."""
+    """A problem the user can fix (missing data, a damaged file, a checkpoint from other flags): main() prints it."""
 
 
 def config_differences(old, new, ignored=()):
@@ -227,13 +227,18 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def read_idx(path):
-    """An IDX file (the MNIST format; gzipped or not) as a uint8 tensor of its shape."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\x00\x00\x08":  # magic: two zero bytes, type 0x08 (uint8), number of dims
-        raise RunError(f"{path} is not an IDX file of uint8 values")
+    """An IDX file (the MNIST format; gzipped or not) as a uint8 tensor of its shape; RunError if it is damaged."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except Exception as error:  # gzip raises OSError, EOFError or zlib.error on a damaged or cut stream
+        raise RunError(f"{path} cannot be read ({error}): re-copy the data set") from None
+    if data[:3] != b"\x00\x00\x08" or len(data) < 4:  # magic: two zero bytes, type 0x08 (uint8), number of dims
+        raise RunError(f"{path} is not an IDX file of uint8 values: re-copy the data set")
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if (found := len(data) - 4 - 4 * ndim) != math.prod(shape):  # one byte per value after the header
+        raise RunError(f"{path} is cut short or damaged (header {shape}, {max(found, 0)} values): re-copy the data set")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
 
 
@@ -243,11 +248,8 @@ def torchvision_download(name, data_dir):
     cls = getattr(torchvision.datasets, DATASETS[name].torchvision)
     splits = []
     for train in (True, False):
-        try:
-            dataset = cls(data_dir, train=train, download=False)
-        except RuntimeError:  # not there yet
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                dataset = cls(data_dir, train=train, download=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # quiet; once there,
+            dataset = cls(data_dir, train=train, download=True)  # torchvision reads its files and downloads nothing
         images = torch.as_tensor(dataset.data)
         images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)  # (N, C, H, W)
         splits += [images.contiguous(), torch.as_tensor(dataset.targets)]
@@ -257,19 +259,15 @@ def torchvision_download(name, data_dir):
 def load_dataset(name, data_dir):
     """[train_images, train_labels, test_images, test_labels]: uint8 (N, C, H, W) and labels, on the CPU.
 
-    MNIST and Fashion-MNIST are read from IDX files wherever they are found (torchvision's
-    layout under data_dir, data_dir itself, Debian's /usr/share/datasets); otherwise the
-    torchvision class downloads the data set into data_dir."""
-    tried = []
-    if name != "cifar10":
-        torchvision_layout = os.path.join(data_dir, DATASETS[name].torchvision, "raw")
-        for directory in filter(None, (torchvision_layout, data_dir, SYSTEM_DATA_DIRS.get(name))):
-            tried.append(directory)
-            paths = [next((p for p in (path, path + ".gz") if os.path.exists(p)), None)  # plain or gzipped
-                     for path in (os.path.join(directory, file) for file in IDX_FILES)]
-            if all(paths):
-                images_train, labels_train, images_test, labels_test = map(read_idx, paths)
-                return [images_train.unsqueeze(1), labels_train, images_test.unsqueeze(1), labels_test]
+    MNIST and Fashion-MNIST are read from IDX files wherever they are found (torchvision's layout under data_dir,
+    data_dir itself, Debian's /usr/share/datasets); otherwise torchvision downloads the data set into data_dir."""
+    torchvision_layout = os.path.join(data_dir, DATASETS[name].torchvision, "raw")
+    tried = [d for d in (torchvision_layout, data_dir, SYSTEM_DATA_DIRS.get(name)) if d and name != "cifar10"]
+    for directory in tried:
+        paths = [next((p for p in (path, path + ".gz") if os.path.exists(p)), None)  # plain or gzipped
+                 for path in (os.path.join(directory, file) for file in IDX_FILES)]
+        if all(paths):  # images (N, H, W) become (N, C, H, W)
+            return [array.unsqueeze(1) if array.dim() == 3 else array for array in map(read_idx, paths)]
     try:
         return torchvision_download(name, data_dir)
     except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
@@ -330,9 +328,8 @@ class DeviceData:
 
 def load_data(config, device):
     """(train, test) DeviceData for the config's data set, limited to --limit images each."""
-    dataset, limit = DATASETS[config["dataset"]], config["limit"]
-    arrays = load_dataset(config["dataset"], config["data_dir"])
-    images_train, labels_train, images_test, labels_test = [a[:limit].to(device) for a in arrays]
+    dataset, arrays = DATASETS[config["dataset"]], load_dataset(config["dataset"], config["data_dir"])
+    images_train, labels_train, images_test, labels_test = [a[:config["limit"]].to(device) for a in arrays]
     options = dict(mean=dataset.mean, std=dataset.std, channels_last=channels_last_for(config))
     return (DeviceData(images_train, labels_train.long(), augment=config["dataset"] == "cifar10", **options),
             DeviceData(images_test, labels_test.long(), augment=False, **options))
@@ -605,6 +602,15 @@ class TrainingState:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
 
+    def read_checkpoint(self, path):
+        """(the dict in a checkpoint file, None), or ({}, what is wrong with the file: a line that names it)."""
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # on a damaged file torch raises UnpicklingError, RuntimeError, EOFError, even KeyError
+            return {}, f"{path} cannot be read (cut short, damaged, or no PyTorch file)"
+        absent = [key for key in self.state_dict() if not isinstance(saved, dict) or key not in saved]
+        return (saved, None) if not absent else ({}, f"{path} is no train.py checkpoint: it lacks {', '.join(absent)}")
+
     def load_state_dict(self, state):
         differences = config_differences(state["config"], self.config, ignored=("resume", "sparsities"))
         if differences:  # ("sparsities" repeats --sparsity)
@@ -694,8 +700,7 @@ def setup(config):
     """(TrainingState, train data, test data) for a config, seeded."""
     device = torch.device(config["device"])
     train_data, test_data = load_data(config, device)
-    expected = train_images(config)
-    if len(train_data) != expected:  # the pruning schedule was laid out for `expected`
+    if len(train_data) != (expected := train_images(config)):  # the pruning schedule was laid out for `expected`
         raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(train_data)} training images, "
                        f"not {expected}: replace the files, or pass --limit {len(train_data)}")
     torch.manual_seed(config["seed"])
@@ -714,9 +719,12 @@ def run(config):
     os.makedirs(config["out"], exist_ok=True)
     path = os.path.join(config["out"], f"checkpoint.rank{rank}.pt" if config["fsdp"] and rank else "checkpoint.pt")
     if config["resume"]:  # FSDP2: each rank its own shards; all check that their files hold one run, and stop alike
-        saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else {}
-        epoch, made_by = saved.get("epoch", -1), saved.get("world_size", 1)  # no file: a run of fewer processes
-        first, last, made_by = map(int, over_ranks([-epoch, epoch, made_by], device, dist.ReduceOp.MAX))
+        saved, damage = state.read_checkpoint(path) if os.path.exists(path) else ({}, None)  # none: fewer ranks ran
+        epoch, made_by, bad = saved.get("epoch", -1), saved.get("world_size", 1), (rank + 1) * bool(damage)
+        first, last, made_by, bad = map(int, over_ranks([-epoch, epoch, made_by, bad], device, dist.ReduceOp.MAX))
+        if bad:  # the highest rank whose file is damaged, + 1: every rank stops, rank 0 naming its own file or that one
+            raise RunError(f"--resume: {damage or f'rank {bad - 1} cannot read checkpoint.rank{bad - 1}.pt'}: "
+                           "delete it and start afresh without --resume, or pass another --out")
         if made_by != ranks:
             raise RunError(f"--resume: the checkpoint was made by {made_by} process(es), this run has {ranks}: resume "
                            f"with as many, e.g. torchrun --nproc-per-node {made_by} train.py and the same flags")
@@ -800,30 +808,22 @@ def comparison_runs(config):
 def finished_results(config):
     """The results of a finished run of exactly this config, or None."""
     path = os.path.join(config["out"], "results.json")
-    if not os.path.exists(path):
-        return None
-    results = plot.read_json(path)
-    ignored = ("resume", "importance" if config["pruning"] != "state" else "")  # importance: no effect there
-    differences = config_differences(results["config"], config, ignored)
-    if differences:
+    results, ignored = plot.read_results(path), ("resume", "importance" if config["pruning"] != "state" else "")
+    if results and (differences := config_differences(results["config"], config, ignored)):  # importance: only in state
         raise RunError(f"{path} was made with other settings ({differences}): "
                        f"give the comparison another --out, or delete that directory")
     return results
 
 
 def compare(config):
-    """Run (or resume) every row of the comparison, then write and print its table and plots."""
+    """Run (or resume) every row, all saved results read first (a damaged one stops it before any write)."""
     out, rows = config["out"], []
     os.makedirs(out, exist_ok=True)
-    for name, row_config in comparison_runs(config):
-        results = finished_results(row_config)
-        if results is None:
-            resume = os.path.exists(os.path.join(row_config["out"], "checkpoint.pt"))
-            print(f"--- {name}, sparsity {row_config['sparsity']:.0%}{', resuming' if resume else ''} "
-                  f"-> {row_config['out']}", flush=True)
-            results = run({**row_config, "resume": resume})
-        else:
-            print(f"--- {name}, sparsity {row_config['sparsity']:.0%}: done before, in {row_config['out']}")
+    for name, row_config, results in [(name, row, finished_results(row)) for name, row in comparison_runs(config)]:
+        resume = os.path.exists(os.path.join(row_config["out"], "checkpoint.pt"))
+        doing = "done before, in" if results else "resuming in" if resume else "running in"
+        print(f"--- {name}, sparsity {row_config['sparsity']:.0%}: {doing} {row_config['out']}", flush=True)
+        results = results or run({**row_config, "resume": resume})
         rows.append(plot.comparison_row(name, row_config, results, out))
         if rank_and_world()[0] == 0:  # one writer
             plot.write_comparison(out, config, rows, results["environment"])
@@ -848,7 +848,7 @@ def main(argv=None):
                   f"{final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, peak memory "
                   f"{memory.format_bytes(final['peak_memory_bytes'])}{' per rank' if rank_and_world()[1] > 1 else ''}, "
                   f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}")
-    except RunError as error:
+    except (RunError, plot.PlotInputError) as error:  # PlotInputError: a results.json that cannot be read
         sys.exit(f"error: {error}" if rank == 0 else 1)
     except KeyboardInterrupt:
         again = "run the same command again" if config["compare"] else "add --resume to the same command"
