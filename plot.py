@@ -87,7 +87,8 @@ def comparison_row(name, config, results, results_dir):
             "test_accuracy": final["test_accuracy"], "peak_memory_mib": peak_mib,
             "mean_memory_mib": memory_report["mean_bytes"] / MIB,
             "efficiency": final["test_accuracy"] / peak_mib * 100,  # accuracy per 100 MiB of peak memory
-            "sparsity_reached": final["sparsity"], "wall_seconds": final["wall_seconds"]}
+            "sparsity_reached": final["sparsity"], "wall_seconds": final["wall_seconds"],
+            "file_vs_dense": final["pruned_file_bytes"] / final["dense_file_bytes"] if "pruned_file_bytes" in final else None}
 
 
 def write_comparison(results_dir, config, rows, environment):
@@ -604,12 +605,13 @@ def sweep_lines(rows, width):
 def table_lines(rows, width):
     """Every row's numbers in fixed columns."""
     lines = [f"{'row':<{width}} {'sparsity':>9} {'test acc':>9} {'peak MiB':>9} {'mean MiB':>9} "
-             f"{'efficiency':>11} {'wall s':>8}"]
+             f"{'efficiency':>11} {'wall s':>8} {'file':>6}"]  # file: model.pruned.pt against the dense state_dict
     for row in rows:
+        file_vs_dense = f"{row['file_vs_dense']:.2f}x" if row.get("file_vs_dense") else "-"
         lines.append(f"{clip(row['label'], width):<{width}} {row.get('sparsity_reached', row['sparsity']):>9.1%} "
                      f"{row['test_accuracy']:>8.2f}% {number(row['peak_memory_mib']):>9} "
                      f"{number(row.get('mean_memory_mib') or math.nan):>9} {number(row['efficiency']):>11} "
-                     f"{row.get('wall_seconds') or math.nan:>8.1f}")
+                     f"{row.get('wall_seconds') or math.nan:>8.1f} {file_vs_dense:>6}")
     return lines
 
 

@@ -1026,7 +1026,8 @@ def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_pa
     results = tiny_run(tiny_data, tmp_path, "--optimizer", "adamw", "--pruning", "magnitude")
     documented = {"config", "history", "sparsity_timeline", "memory", "wall_seconds", "environment", "final"}
     assert documented <= set(results)
-    assert set(results["final"]) == {"test_accuracy", "sparsity", "peak_memory_bytes", "wall_seconds"}
+    assert set(results["final"]) == {"test_accuracy", "sparsity", "peak_memory_bytes", "wall_seconds",
+                                     "pruned_file_bytes", "dense_file_bytes"}
     assert {"python", "torch", "torchvision", "device"} <= set(results["environment"])
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "sparsity"} <= set(results["history"][0])
@@ -1035,9 +1036,15 @@ def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_pa
     assert results["final"]["test_accuracy"] > 50  # the synthetic classes are easy
     # atomic: each file was renamed into place from a temporary file in the same directory
     targets = {os.path.basename(dst): src for src, dst in replaced}
-    assert {"results.json", "checkpoint.pt"} <= set(targets)
+    assert {"results.json", "checkpoint.pt", "model.pruned.pt"} <= set(targets)
     assert all(os.path.dirname(src) == str(tmp_path) for src in targets.values())
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "results.json"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "model.pruned.pt", "results.json"]
+    # the pruned model, smaller on disk: it loads back into the trained model's weights
+    final, weights = results["final"], torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    compact = torch.load(tmp_path / "model.pruned.pt", weights_only=True)
+    assert all(torch.equal(weights[name], tensor) for name, tensor in dense_state_dict(compact).items())
+    assert final["pruned_file_bytes"] == os.path.getsize(tmp_path / "model.pruned.pt")
+    assert final["pruned_file_bytes"] < 0.4 * final["dense_file_bytes"]
 
 
 def test_same_seed_gives_identical_numbers_and_another_seed_does_not(tiny_data, tmp_path):
@@ -1740,7 +1747,7 @@ def test_a_crash_mid_write_leaves_the_old_file_and_a_temporary_one_that_the_next
     assert [name.split(".tmp")[0].rsplit(".", 1)[0] for name in left[1:]] == ["checkpoint.pt", "results.json"]
     results = tiny_run(tiny_data, tmp_path, "--epochs", "2", "--resume")  # reads checkpoint.pt, not the .tmp
     assert [h["epoch"] for h in results["history"]] == [1, 2]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "results.json"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "model.pruned.pt", "results.json"]
 
 
 def test_a_write_removes_the_temporary_files_of_its_own_file_only(tmp_path):
@@ -1963,8 +1970,10 @@ def test_two_processes_prune_exactly_write_once_and_match_one_process(tiny_data,
     assert pruned_count([zeros0, zeros1], fsdp) == round(0.7 * LENET5_PRUNABLE)  # exact, over the whole model
     if not fsdp:
         assert all(torch.equal(a, b) for a, b in zip(zeros0, zeros1)), "the replicas prune the same weights"
-    written = {"checkpoint.pt", "results.json"} | ({"checkpoint.rank1.pt"} if fsdp else set())
+    written = {"checkpoint.pt", "model.pruned.pt", "results.json"} | ({"checkpoint.rank1.pt"} if fsdp else set())
     assert set(os.listdir(tmp_path / "two")) == written  # one results.json; under FSDP2 a checkpoint per rank
+    pruned_model = dense_state_dict(torch.load(tmp_path / "two" / "model.pruned.pt", weights_only=True))  # gathered
+    assert sum(int((w == 0).sum()) for w in pruned_model.values() if w.dim() >= 2) == round(0.7 * LENET5_PRUNABLE)
     with open(tmp_path / "two" / "results.json") as f:
         two = json.load(f)
     assert {k: two["environment"][k] for k in ("world_size", "backend", "sharded")} == {

@@ -36,7 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 
-from adamwprune import IMPORTANCES, AdamWPrune, check_replicas_agree, local, lowest_k, scheduled_sparsity, target_count
+from adamwprune import (IMPORTANCES, AdamWPrune, check_replicas_agree, compact_state_dict, local, lowest_k,
+                        scheduled_sparsity, target_count)
 import memory
 import plot
 from models import build_model
@@ -765,6 +766,13 @@ def run(config):
         "final": {"test_accuracy": state.history[-1]["test_accuracy"], "sparsity": prunable_sparsity(state.model),
                   "peak_memory_bytes": report["peak_bytes"], "wall_seconds": state.wall_seconds},
     }
+    if config["pruning"] != "none":  # the pruned model, smaller on disk (FSDP2: gathered, on every rank)
+        weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                   for k, v in getattr(state.model, "module", state.model).state_dict().items()}
+        path = os.path.join(config["out"], "model.pruned.pt")
+        if rank == 0:
+            plot.write_atomic(path, lambda f: torch.save(compact_state_dict(weights), f), binary=True)
+            results["final"].update(pruned_file_bytes=os.path.getsize(path), dense_file_bytes=memory.saved_bytes(weights))
     if rank == 0:
         plot.write_atomic(os.path.join(config["out"], "results.json"), lambda f: json.dump(results, f, indent=1))
     if ranks > 1:
@@ -847,7 +855,9 @@ def main(argv=None):
             print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: test accuracy "
                   f"{final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, peak memory "
                   f"{memory.format_bytes(final['peak_memory_bytes'])}{' per rank' if rank_and_world()[1] > 1 else ''}, "
-                  f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}")
+                  f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}"
+                  + (f"; model.pruned.pt {final['pruned_file_bytes'] / final['dense_file_bytes']:.2f}x the dense "
+                     "state_dict" if "pruned_file_bytes" in final else ""))
     except (RunError, plot.PlotInputError) as error:  # PlotInputError: a results.json that cannot be read
         sys.exit(f"error: {error}" if rank == 0 else 1)
     except KeyboardInterrupt:
