@@ -720,10 +720,10 @@ def run(config):
     os.makedirs(config["out"], exist_ok=True)
     path = os.path.join(config["out"], f"checkpoint.rank{rank}.pt" if config["fsdp"] and rank else "checkpoint.pt")
     if config["resume"]:  # FSDP2: each rank its own shards; all check that their files hold one run, and stop alike
-        saved, damage = state.read_checkpoint(path) if os.path.exists(path) else ({}, None)  # none: fewer ranks ran
+        saved, damage = state.read_checkpoint(path) if os.path.exists(path) else ({}, None)  # none: fewer ranks made it
         epoch, made_by, bad = saved.get("epoch", -1), saved.get("world_size", 1), (rank + 1) * bool(damage)
         first, last, made_by, bad = map(int, over_ranks([-epoch, epoch, made_by, bad], device, dist.ReduceOp.MAX))
-        if bad:  # the highest rank whose file is damaged, + 1: every rank stops, rank 0 naming its own file or that one
+        if bad:  # 1 + the highest rank with a damaged file: all stop, rank 0 naming its own file or that rank's
             raise RunError(f"--resume: {damage or f'rank {bad - 1} cannot read checkpoint.rank{bad - 1}.pt'}: "
                            "delete it and start afresh without --resume, or pass another --out")
         if made_by != ranks:
@@ -824,7 +824,7 @@ def finished_results(config):
 
 
 def compare(config):
-    """Run (or resume) every row, all saved results read first (a damaged one stops it before any write)."""
+    """Run (or resume) every row, then write and print the table and plots; a damaged saved result stops it first."""
     out, rows = config["out"], []
     os.makedirs(out, exist_ok=True)
     for name, row_config, results in [(name, row, finished_results(row)) for name, row in comparison_runs(config)]:
