@@ -21,6 +21,7 @@ import html
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -635,14 +636,56 @@ def text_report(results_dir, ascii=False):
 
 
 # --- main ---
+# --- the default importance score, by the README's rule, from ablations on several seeds ---
+STATE_SCORES = ("variance", "hybrid", "momentum")  # the scores that use the optimizer's states
+
+
+def score_decision(results_dirs):
+    """(table lines, chosen score) from `train.py --compare --ablation` run once per seed. Per
+    seed, each score's accuracy is averaged over the sparsities; the best state score is the
+    default unless magnitude beats it by more than two standard errors of their per-seed difference."""
+    accuracy = {}  # (importance, sparsity): [test accuracy, one per seed]
+    for results_dir in results_dirs:
+        for row in load_comparison(results_dir)[0]["rows"]:
+            if row.get("importance"):
+                accuracy.setdefault((row["importance"], row["sparsity"]), []).append(row["test_accuracy"])
+    scores, sparsities = sorted({i for i, _ in accuracy}), sorted({s for _, s in accuracy})
+    seeds = len(results_dirs)
+    if seeds < 2 or "magnitude" not in scores or any(len(v) != seeds for v in accuracy.values()):
+        raise PlotInputError("the rule needs ablations (train.py --compare --ablation) of the same scores and "
+                             "sparsities on at least two seeds, one folder each")
+    per_seed = {i: [statistics.fmean(a) for a in zip(*(accuracy[i, s] for s in sparsities))] for i in scores}
+    mean = {i: statistics.fmean(per_seed[i]) for i in scores}
+    best = max((i for i in scores if i in STATE_SCORES), key=mean.get)
+    difference = [m - b for m, b in zip(per_seed["magnitude"], per_seed[best])]
+    standard_error = statistics.stdev(difference) / math.sqrt(seeds)
+    chosen = "magnitude" if statistics.fmean(difference) > 2 * standard_error else best
+    se = lambda values: statistics.stdev(values) / math.sqrt(len(values))  # noqa: E731
+    lines = [f"{'score':<10}" + "".join(f" {f'{s:.0%} sparsity':>16}" for s in sparsities) + f" {'mean':>14}"]
+    for i in scores:
+        lines.append(f"{i:<10}" + "".join(f" {statistics.fmean(accuracy[i, s]):>9.2f} ± {se(accuracy[i, s]):.2f}"
+                                          for s in sparsities) + f" {mean[i]:>7.2f} ± {se(per_seed[i]):.2f}")
+    lines.append(f"test accuracy %, mean ± standard error over {seeds} seeds. magnitude - {best} (the best state "
+                 f"score): {statistics.fmean(difference):+.2f} ± {standard_error:.2f} points, so the default is "
+                 f"{chosen}" + (" (magnitude leads by more than two standard errors)" if chosen == "magnitude" else
+                                " (magnitude does not lead it by more than two standard errors)"))
+    return lines, chosen
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Re-render a comparison's plots from its saved results.")
-    parser.add_argument("results_dir", metavar="RESULTS_DIR", help="the directory `train.py --compare --out` wrote")
+    parser.add_argument("results_dir", metavar="RESULTS_DIR", nargs="+",
+                        help="the directory `train.py --compare --out` wrote (with --scores: one per seed)")
+    parser.add_argument("--scores", action="store_true", help="ablations on several seeds: the default importance "
+                        "score by the README's rule, with its table (default: off)")
     parser.add_argument("--plot", choices=("svg", "text", "both"), default="both",
                         help="SVG files, text plots on stdout, or both (default: both)")
     parser.add_argument("--ascii", action="store_true", help="text plots in pure ASCII (default: Unicode "
                                                               "where stdout can encode it)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.results_dir) > 1 and not args.scores:
+        parser.error("several RESULTS_DIRs are for --scores; give one comparison to plot")
+    return args
 
 
 def stdout_takes_unicode():
@@ -656,11 +699,14 @@ def stdout_takes_unicode():
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.scores:
+            print("\n".join(score_decision(args.results_dir)[0]))
+            return
         if args.plot in ("svg", "both"):
-            for path in render_svgs(args.results_dir):
+            for path in render_svgs(args.results_dir[0]):
                 print(f"wrote {path}")
         if args.plot in ("text", "both"):
-            print(text_report(args.results_dir, ascii=args.ascii or not stdout_takes_unicode()))
+            print(text_report(args.results_dir[0], ascii=args.ascii or not stdout_takes_unicode()))
     except PlotInputError as error:
         print(f"plot.py: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -1490,6 +1491,43 @@ def test_result_files_are_written_atomically_and_readable_by_others(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def write_ablation(directory, accuracies):
+    """comparison.json of an ablation: accuracies {(importance, sparsity): test accuracy}."""
+    rows = [{"name": f"AdamWPrune, {importance}", "importance": importance, "sparsity": sparsity,
+             "results_dir": f"row-{importance}-{sparsity}", "test_accuracy": accuracy, "peak_memory_mib": 8.0,
+             "efficiency": accuracy / 8.0 * 100} for (importance, sparsity), accuracy in accuracies.items()]
+    os.makedirs(directory)
+    with open(os.path.join(directory, "comparison.json"), "w") as f:
+        json.dump({"rows": rows}, f)
+    return str(directory)
+
+
+@pytest.mark.parametrize("magnitude_lead, chosen", [(0.05, "variance"), (0.5, "magnitude")])
+def test_the_default_score_is_the_best_state_score_unless_magnitude_leads_by_two_standard_errors(
+        tmp_path, magnitude_lead, chosen):
+    noise = [0.1, -0.1, 0.2, -0.2, 0.0]  # per seed, on magnitude only: the difference's standard error
+    folders = []
+    for seed, wobble in enumerate(noise):
+        accuracies = {}
+        for sparsity, base in ((0.7, 89.5), (0.9, 89.0)):
+            accuracies.update({("variance", sparsity): base, ("hybrid", sparsity): base - 0.3,
+                               ("momentum", sparsity): base - 0.2,
+                               ("magnitude", sparsity): base + magnitude_lead + wobble})
+        folders.append(write_ablation(tmp_path / f"seed{seed}", accuracies))
+    lines, default = plot.score_decision(folders)
+    standard_error = statistics.stdev(noise) / math.sqrt(5)  # 0.071: two of them, 0.14
+    assert default == chosen
+    assert f"{magnitude_lead:+.2f} ± {standard_error:.2f} points" in lines[-1] and f"default is {chosen}" in lines[-1]
+    assert lines[1].startswith("hybrid") and "89.20 ± 0.00" in lines[1]  # (89.5 - 0.3) at 70%
+
+
+def test_the_score_rule_needs_the_same_rows_on_several_seeds(tmp_path, capsys):
+    one = write_ablation(tmp_path / "one", {("magnitude", 0.7): 89.0, ("variance", 0.7): 89.1})
+    with pytest.raises(SystemExit):
+        plot.main(["--scores", one])
+    assert "at least two seeds" in capsys.readouterr().err
 
 
 def test_nice_ticks_are_round_and_cover_the_range():
