@@ -26,8 +26,8 @@ optimizer steps c (the pruning clock). w weight, g gradient, m = exp_avg, v = ex
        a. k = min(round(s(c) * N), N - 1) of the N prunable weights, one always kept:
               cubic:  s(c) = sparsity * (1 - (1 - (c - prune_start) / (prune_end - prune_start))^3)
               linear: s(c) = sparsity * (c - prune_start) / (prune_end - prune_start)
-       b. score each weight from (w, m, v), higher = more important: magnitude |w| (the
-          default), variance |w| * v^(1/4), hybrid |w * m| * |w| / (sqrt(v) + eps), momentum
+       b. score each weight from (w, m, v), higher = more important: variance |w| * v^(1/4)
+          (the default), magnitude |w|, hybrid |w * m| * |w| / (sqrt(v) + eps), momentum
           |w| * sqrt(|m|). Pruned weights score -inf: a mask never un-prunes. A weight that never
           had a gradient has m = v = 0: the state scores rank it lowest, magnitude by |w|.
        c. find the k lowest scores of all tensors, ties by position, by a radix select on the
@@ -246,7 +246,7 @@ class AdamWPrune(torch.optim.Optimizer):
             unless foreach=True (default: None)
         capturable, differentiable: AdamW's; must be False (default: False)
         sparsity: final fraction of prunable weights set to zero, in [0, 1) (default: 0.7)
-        importance: magnitude, variance, hybrid or momentum (default: "magnitude"; see README.md)
+        importance: variance, magnitude, hybrid or momentum (default: "variance", by the rule in README.md)
         schedule: cubic or linear growth of sparsity (default: "cubic")
         prune_start: optimizer step where pruning starts (default: 200)
         prune_end: optimizer step where the final sparsity is reached (default: 2000)
@@ -257,7 +257,7 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, sparsity=0.7, importance="magnitude",
+                 differentiable=False, fused=None, sparsity=0.7, importance="variance",
                  schedule="cubic", prune_start=200, prune_end=2000, prune_every=50,
                  check_replicas=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
