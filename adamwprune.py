@@ -526,10 +526,8 @@ def check_replicas_agree(group, threshold, step):
 
 # --- the pruned model, smaller on disk ---
 def compact_state_dict(model_or_state_dict, values_dtype=None):
-    """A copy of a state_dict in which each floating-point tensor that comes out smaller is kept
-    as its non-zero values (rounded to values_dtype, if given) and their positions: a bitmask
-    packed 8 to a byte, or int32 indices if fewer bytes. Other entries stay as they are. It loads
-    with torch.load(weights_only=True); dense_state_dict gives the plain state_dict back."""
+    """A state_dict whose float tensors, where smaller so, are their non-zero values (as values_dtype,
+    if given) and positions: a bitmask 8 to a byte, or int32 indices. Loads with weights_only=True."""
     state = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
     compact = {}
     for name, tensor in state.items():
@@ -539,17 +537,16 @@ def compact_state_dict(model_or_state_dict, values_dtype=None):
         kept = flat != 0
         count = int(kept.count_nonzero())
         where_bytes = min((flat.numel() + 7) // 8, 4 * count)  # a bitmask or int32 indices
-        if (not tensor.is_floating_point() or
-                count * (values_dtype or tensor.dtype).itemsize + where_bytes >= flat.numel() * tensor.element_size()):
-            compact[name] = tensor
+        compact[name], value_bytes = tensor, (values_dtype or tensor.dtype).itemsize
+        if not tensor.is_floating_point() or count * value_bytes + where_bytes >= tensor.nbytes:
             continue
-        entry = {"shape": tuple(tensor.shape), "dtype": tensor.dtype, "values": flat[kept].to(values_dtype or tensor.dtype)}
+        compact[name] = entry = {"shape": tuple(tensor.shape), "dtype": tensor.dtype,
+                                 "values": flat[kept].to(values_dtype or tensor.dtype)}
         if where_bytes < 4 * count:
             bits = torch.nn.functional.pad(kept, (0, -flat.numel() % 8)).view(-1, 8).to(torch.uint8)
             entry["bitmask"] = (bits << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
         else:
             entry["indices"] = kept.nonzero().flatten().to(torch.int32)
-        compact[name] = entry
     return compact
 
 
