@@ -181,7 +181,7 @@ def lowest_k(score_fns, k, device, unscored=0, group=None):
     # 3) marks; when only some of the equal scores go, shards need the ties on earlier ranks
     ties_before = None
     if ties < equal and group is not None:
-        mine = torch.tensor([int((scores(fn) == threshold).sum()) for fn in score_fns], device=device)
+        mine = torch.tensor([int((scores(fn) == threshold).count_nonzero()) for fn in score_fns], device=device)
         every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
         torch.distributed.all_gather(every, mine, group=group)
         every = torch.stack(every).cpu()  # (ranks, tensors)
@@ -456,11 +456,11 @@ class AdamWPrune(torch.optim.Optimizer):
         target = scheduled_sparsity(group["optimizer_step"], group["sparsity"], group["schedule"],
                                     group["prune_start"], group["prune_end"])
         k = target_count(target, sum(p.numel() for p in params))  # p.numel(): the whole tensor
-        unscored = sum(self._pruned_count(p) for p in params if "kept_index" in self.state[p])
+        pruned = {p: self._pruned_count(p) for p in params}  # a compacted tensor's pruned weights have no score
+        unscored = sum(pruned[p] for p in params if "kept_index" in self.state[p])
         device = local(params[0]).device
         scratch = torch.empty(max(local(p).numel() for p in params), dtype=torch.float32, device=device)
-        has_pruned = {p: "kept_index" not in self.state[p] and self._pruned_count(p) > 0 for p in params}
-        score_fns = [lambda p=p: self._score(p, group, scratch, has_pruned[p]) for p in params]
+        score_fns = [lambda p=p: self._score(p, group, scratch, pruned[p] > 0) for p in params]
         found = lowest_k(score_fns, k, device, unscored, _process_group(params))
         for i, prune in found[1] if found else []:
             self._apply_prune(params[i], group, prune)
