@@ -9,7 +9,7 @@ What is measured, and how:
   buffers, model buffers), counted exactly by walking the tensors; a storage shared by several
   tensors (views, tied weights) is counted once. Works on any device.
 - on CUDA, the caching allocator's own figures: `memory_allocated`, `memory_reserved` and the
-  run's `max_memory_allocated` (reset at the start of the run).
+  run's peaks, `max_memory_allocated` and `max_memory_reserved` (reset at the start of the run).
 """
 import argparse
 import contextlib
@@ -163,7 +163,8 @@ class MemoryMonitor:
     step_peak_bytes, the most tensor memory alive at once during it (activations, gradients and
     temporaries included).
     - CUDA: the caching allocator's memory_allocated, memory_reserved and max_memory_allocated
-      (reset before each sampled step; the peak of the steps between samples is kept too).
+      (reset before each sampled step; the peak of the steps between samples is kept too); the
+      report adds the run's max_memory_reserved, which the CPU has no counterpart for (None).
     - CPU: a TensorMemoryTracker over the sampled step, starting from the persistent training
       state (parameters, gradients, optimizer state, pruning buffers, model buffers), which is
       counted exactly; reserved equals allocated (no caching allocator to report). The peak is
@@ -177,7 +178,7 @@ class MemoryMonitor:
         self.device = torch.device(device)
         self.every = every
         self.timeline = []
-        self.cuda_peak_bytes = 0  # CUDA: the highest max_memory_allocated seen before a reset
+        self.cuda_peak_bytes = self.cuda_peak_reserved_bytes = 0  # CUDA: the highest max_memory_* before a reset
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -189,6 +190,8 @@ class MemoryMonitor:
             return
         if self.device.type == "cuda":
             self.cuda_peak_bytes = max(self.cuda_peak_bytes, torch.cuda.max_memory_allocated(self.device))
+            self.cuda_peak_reserved_bytes = max(self.cuda_peak_reserved_bytes,
+                                                torch.cuda.max_memory_reserved(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
             yield
             step_peak_bytes = torch.cuda.max_memory_allocated(self.device)
@@ -204,16 +207,18 @@ class MemoryMonitor:
 
     def report(self):
         allocated = [s["allocated_bytes"] for s in self.timeline] or [0]
-        peak_bytes = max([s["step_peak_bytes"] for s in self.timeline] + [0])
+        peak_bytes, peak_reserved_bytes = max([s["step_peak_bytes"] for s in self.timeline] + [0]), None
         if self.device.type == "cuda":
-            source = "CUDA caching allocator: memory_allocated, max_memory_allocated"
+            source = "CUDA caching allocator: memory_allocated, max_memory_allocated, max_memory_reserved"
             peak_bytes = max(peak_bytes, self.cuda_peak_bytes, torch.cuda.max_memory_allocated(self.device))
+            peak_reserved_bytes = max(self.cuda_peak_reserved_bytes, torch.cuda.max_memory_reserved(self.device))
         else:
             source = "tensor storages: persistent state counted exactly, sampled steps tracked by dispatch"
         return {
             "device": str(self.device),
             "source": source,
             "peak_bytes": peak_bytes,
+            "peak_reserved_bytes": peak_reserved_bytes,
             "mean_bytes": statistics.fmean(allocated),
             "timeline": self.timeline,
             "process_peak_rss_bytes": process_peak_rss_bytes(),
@@ -279,19 +284,21 @@ class Rig:
         return optimizer_state_bytes(self.optimizer, self.prunable) / numel, tensor_bytes(self.buffers()) / numel
 
     def peak_step_bytes(self):
-        """The most tensor memory alive at once during one training step (all of it, state included)."""
+        """(allocated, reserved): the most tensor memory alive at once during one training step, all of
+        it (state included); and on CUDA the most the caching allocator held meanwhile (None on the CPU).
+        On CUDA, memory of anything else on the device is left out (benchmark() keeps one rig there)."""
         device = self.x.device
-        if device.type == "cuda":  # the device also holds the other rigs: count above them
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
             others_bytes = torch.cuda.memory_allocated(device) - tensor_bytes(
                 training_tensors(self.model, self.optimizer, self.buffers()))
             torch.cuda.reset_peak_memory_stats(device)
             self.train_step()
             torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device) - others_bytes
+            return torch.cuda.max_memory_allocated(device) - others_bytes, torch.cuda.max_memory_reserved(device)
         with TensorMemoryTracker(existing=training_tensors(self.model, self.optimizer, self.buffers())) as tracker:
             self.train_step()
-        return tracker.peak_bytes
+        return tracker.peak_bytes, None
 
 
 def median_seconds(actions, repeats, warmup=2):
@@ -313,32 +320,42 @@ def median_seconds(actions, repeats, warmup=2):
     return {name: statistics.median(s) for name, s in seconds.items()}
 
 
+def settled_rig(model_name, optimizer, pruning, sparsity, device):
+    rig = Rig(model_name, optimizer, pruning, sparsity, device)
+    for _ in range(2):  # create the state, prune (at step 1), settle
+        rig.train_step()
+    return rig
+
+
 def benchmark(model_name, device, repeats, sparsity=0.7):
     """Rows for a model: each pairing before pruning and at `sparsity`, timed in one interleaved
     run against torch's AdamW stepping the same gradients, fused (the fastest) and foreach; and
     what one mask update adds to a step, in fused AdamW steps."""
-    rows, updates = [], {}
+    rows, phases = [], [(optimizer, pruning, phase, target) for optimizer, pruning in PAIRINGS
+                        for phase, target in (("before", 0.0), ("pruned", sparsity))
+                        if pruning != "none" or phase == "before"]
+    for optimizer, pruning, phase, target in phases:  # 1) memory, each rig alone on the device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last rig's blocks go back: the reserved peak is this rig's
+        rig = settled_rig(model_name, optimizer, pruning, target, device)
+        state_bytes, pruning_bytes = rig.bytes_per_prunable()
+        peak_bytes, peak_reserved_bytes = rig.peak_step_bytes()
+        sparsity_reached = sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable)
+        rows.append({"model": model_name, "optimizer": optimizer, "pruning": pruning, "phase": phase,
+                     "sparsity": sparsity_reached, "state_bytes_per_prunable": state_bytes,
+                     "pruning_bytes_per_prunable": pruning_bytes, "peak_step_bytes": peak_bytes,
+                     "peak_reserved_bytes": peak_reserved_bytes, "key": (optimizer, pruning, phase)})
+        del rig
+    updates = {}  # 2) time, every rig on the device at once, stepping in turn
     for kernel in ("fused", "foreach"):
         reference = Rig(model_name, "adamw", "none", 0.0, device)
         reference.optimizer = torch.optim.AdamW(reference.model.parameters(), **{kernel: True})
         reference.backward()
         updates[kernel] = reference.optimizer.step
-    for optimizer, pruning in PAIRINGS:
-        for phase, target in (("before", 0.0), ("pruned", sparsity)):
-            if pruning == "none" and phase == "pruned":
-                continue
-            rig = Rig(model_name, optimizer, pruning, target, device)
-            for _ in range(2):  # create the state, prune (at step 1), settle
-                rig.train_step()
-            state_bytes, pruning_bytes = rig.bytes_per_prunable()
-            peak_bytes = rig.peak_step_bytes()
-            rig.backward()  # gradients for the timed updates
-            key = (optimizer, pruning, phase)
-            updates[key] = rig.update
-            sparsity_reached = sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable)
-            rows.append({"model": model_name, "optimizer": optimizer, "pruning": pruning, "phase": phase,
-                         "sparsity": sparsity_reached, "state_bytes_per_prunable": state_bytes,
-                         "pruning_bytes_per_prunable": pruning_bytes, "peak_step_bytes": peak_bytes, "key": key})
+    for optimizer, pruning, phase, target in phases:
+        rig = settled_rig(model_name, optimizer, pruning, target, device)
+        rig.backward()  # gradients for the timed updates
+        updates[optimizer, pruning, phase] = rig.update
     seconds = median_seconds(updates, repeats)
     for row in rows:
         key = row.pop("key")
@@ -503,18 +520,21 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {machine}. Bytes per prunable weight; peak: one training step "
           f"(batch {BATCH_SIZE['lenet5']} for lenet5, {BATCH_SIZE['resnet18']} for resnet18); update: "
           f"optimizer + pruning work after backward, median of {args.repeats}, against torch's AdamW "
-          "(fused=True, and foreach=True) on the same gradients; mask update: the time one adds, in fused steps")
+          "(fused=True, and foreach=True) on the same gradients; mask update: the time one adds, in fused steps; "
+          "reserved: on CUDA, the allocator's max_memory_reserved in that step, the rig alone on the device")
     header = (f"{'model':<9} {'optimizer + pruning':<22} {'phase':<7} {'sparsity':>8} {'state B':>8} "
-              f"{'pruning B':>9} {'peak MiB':>9} {'update ms':>10} {'vs fused':>9} {'vs foreach':>10} "
+              f"{'pruning B':>9} {'peak MiB':>9} {'reserved':>9} {'update ms':>10} {'vs fused':>9} {'vs foreach':>10} "
               f"{'mask update':>11}")
     print(header)
     print("-" * len(header))
     for model_name in models:
         for r in benchmark(model_name, device, args.repeats):
             mask_update = f"{r['mask_update_fused_steps']:>10.1f}x" if "mask_update_fused_steps" in r else ""
+            reserved = f"{r['peak_reserved_bytes'] / 2**20:.2f}" if r["peak_reserved_bytes"] is not None else "-"
             print(f"{r['model']:<9} {r['optimizer'] + ' + ' + r['pruning']:<22} {r['phase']:<7} "
                   f"{r['sparsity']:>8.1%} {r['state_bytes_per_prunable']:>8.2f} {r['pruning_bytes_per_prunable']:>9.2f} "
-                  f"{r['peak_step_bytes'] / 2**20:>9.2f} {r['update_seconds'] * 1e3:>10.3f} {r['vs_fused']:>8.2f}x "
+                  f"{r['peak_step_bytes'] / 2**20:>9.2f} {reserved:>9} {r['update_seconds'] * 1e3:>10.3f} "
+                  f"{r['vs_fused']:>8.2f}x "
                   f"{r['vs_foreach']:>9.2f}x {mask_update:>11}", flush=True)
 
 

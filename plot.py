@@ -81,11 +81,12 @@ def write_atomic(path, write, binary=False):
 def comparison_row(name, config, results, results_dir):
     """A row of comparison.json: one run's config and results.json, with paths relative to results_dir."""
     final, memory_report = results["final"], results["memory"]
-    peak_mib = final["peak_memory_bytes"] / MIB
+    peak_mib, reserved_bytes = final["peak_memory_bytes"] / MIB, final.get("peak_reserved_bytes")
     return {"name": name, "optimizer": config["optimizer"], "pruning": config["pruning"],
             "importance": config["importance"] if config["pruning"] == "state" else None,
             "sparsity": config["sparsity"], "results_dir": os.path.relpath(config["out"], results_dir),
             "test_accuracy": final["test_accuracy"], "peak_memory_mib": peak_mib,
+            "peak_reserved_mib": reserved_bytes / MIB if reserved_bytes else None,  # CUDA's max_memory_reserved
             "mean_memory_mib": memory_report["mean_bytes"] / MIB,
             "efficiency": final["test_accuracy"] / peak_mib * 100,  # accuracy per 100 MiB of peak memory
             "sparsity_reached": final["sparsity"], "wall_seconds": final["wall_seconds"],
@@ -604,13 +605,16 @@ def sweep_lines(rows, width):
 
 
 def table_lines(rows, width):
-    """Every row's numbers in fixed columns."""
-    lines = [f"{'row':<{width}} {'sparsity':>9} {'test acc':>9} {'peak MiB':>9} {'mean MiB':>9} "
-             f"{'efficiency':>11} {'wall s':>8} {'file':>6}"]  # file: model.pruned.pt against the dense state_dict
+    """Every row's numbers in fixed columns; CUDA runs add the peak reserved, with names clipped to keep 100 columns."""
+    reserved = any(row.get("peak_reserved_mib") for row in rows)
+    width = min(width, TEXT_COLUMNS - 79) if reserved else width
+    lines = [f"{'row':<{width}} {'sparsity':>9} {'test acc':>9} {'peak MiB':>9} " + "reserved " * reserved +
+             f"{'mean MiB':>9} {'efficiency':>11} {'wall s':>8} {'file':>6}"]  # file: model.pruned.pt vs dense
     for row in rows:
         file_vs_dense = f"{row['file_vs_dense']:.2f}x" if row.get("file_vs_dense") else "-"
         lines.append(f"{clip(row['label'], width):<{width}} {row.get('sparsity_reached', row['sparsity']):>9.1%} "
                      f"{row['test_accuracy']:>8.2f}% {number(row['peak_memory_mib']):>9} "
+                     + f"{number(row.get('peak_reserved_mib') or math.nan):>8} " * reserved +
                      f"{number(row.get('mean_memory_mib') or math.nan):>9} {number(row['efficiency']):>11} "
                      f"{row.get('wall_seconds') or math.nan:>8.1f} {file_vs_dense:>6}")
     return lines

@@ -35,6 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --- helpers ---
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (.ci/gpu runs these on one)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]  # "cuda" in a test id: `.ci/gpu --smoke` selects it
+
 
 def small_net(seed=0):
     torch.manual_seed(seed)
@@ -50,7 +53,7 @@ def random_grads(params, step, scale=1.0):
     """The same gradients for the same step, whatever the run."""
     g = torch.Generator().manual_seed(1000 + step)
     for p in params:
-        p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype).contiguous(
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype).contiguous(
             memory_format=torch.channels_last if p.dim() == 4 and not p.is_contiguous() else torch.contiguous_format)
 
 
@@ -94,11 +97,12 @@ def two_groups(model, **options):
             {"params": p[2:], "lr": 1e-3, "weight_decay": 0.05, **options}]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", [{}, {"amsgrad": True}, {"maximize": True}, {"foreach": True},
                                      {"fused": True}, {"foreach": False, "fused": False}],
                          ids=["default", "amsgrad", "maximize", "foreach", "fused", "for-loop"])
-def test_equals_adamw_when_sparsity_is_zero(options):
-    ours, ref = small_net(), small_net()
+def test_equals_adamw_when_sparsity_is_zero(options, device):
+    ours, ref = small_net().to(device), small_net().to(device)
     opt = AdamWPrune(two_groups(ours), sparsity=0.0, betas=(0.8, 0.99), eps=1e-6, **options)
     ref_opt = torch.optim.AdamW(two_groups(ref), betas=(0.8, 0.99), eps=1e-6, **options)
     assert max_difference_after(100, ours, opt, ref, ref_opt) <= 1e-6
@@ -156,21 +160,22 @@ def set_grads(params, t):
     """Write step t's gradients into existing .grad tensors (as after zero_grad(set_to_none=False))."""
     g = torch.Generator().manual_seed(2000 + t)
     for p in params:
-        grad = torch.randn(p.shape, generator=g)
+        grad = torch.randn(p.shape, generator=g).to(p.device)
         if p.grad is None:
             p.grad = grad
         else:
             p.grad.copy_(grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", [{}, {"foreach": True}, {"amsgrad": True, "maximize": True}],
                          ids=["fused", "foreach", "amsgrad-maximize"])
-def test_kept_weights_follow_adamw_with_the_same_mask_at_every_step(options):
+def test_kept_weights_follow_adamw_with_the_same_mask_at_every_step(options, device):
     """torch.optim.AdamW, with AdamWPrune's own mask applied after each of its steps, is the
     reference: through compaction, two groups that differ in every pruning option, an LR
     scheduler, step(closure), a compacted tensor without gradient on some steps and a
     GradScaler step skipped for inf while pruning is under way."""
-    ours, ref = small_conv_net(), small_conv_net()
+    ours, ref = small_conv_net().to(device), small_conv_net().to(device)
 
     def groups(model, pruning):
         convs, rest = [model[0].weight, model[2].weight], [model[4].weight, model[0].bias, model[2].bias,
@@ -186,7 +191,7 @@ def test_kept_weights_follow_adamw_with_the_same_mask_at_every_step(options):
     ref_opt = torch.optim.AdamW(groups(ref, False), **options)
     lambdas = [lambda t: 1.0 / (1 + 0.05 * t), lambda t: 0.97 ** t]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambdas) for o in (opt, ref_opt)]
-    scalers = [torch.amp.GradScaler("cpu", init_scale=4.0) for _ in range(2)]
+    scalers = [torch.amp.GradScaler(device, init_scale=4.0) for _ in range(2)]
     missing = ours[2].weight  # compacted early; some steps leave it without a gradient
     for t in range(40):
         skipped = t == 12
@@ -197,7 +202,7 @@ def test_kept_weights_follow_adamw_with_the_same_mask_at_every_step(options):
                 model[2].weight.grad = None
             if skipped:  # an inf gradient: GradScaler skips the step
                 model[0].weight.grad[0, 0, 0, 0] = math.inf
-                scaler.scale(torch.ones(()))
+                scaler.scale(torch.ones((), device=device))
                 scaler.step(o)
                 scaler.update()
             elif t == 7:
@@ -390,14 +395,15 @@ def sorted_reference(scores, k, unscored=0):
     return list(prune.split([s.numel() for s in scores]))
 
 
-def lowest_k_masks(scores, k, unscored=0):
-    found = lowest_k([lambda s=s: s.clone() for s in scores], k, "cpu", unscored)
-    return None if found is None else [prune for _, prune in found[1]]
+def lowest_k_masks(scores, k, unscored=0, device="cpu"):
+    found = lowest_k([lambda s=s: s.to(device, copy=True) for s in scores], k, device, unscored)
+    return None if found is None else [prune.cpu() for _, prune in found[1]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["many ties", "subnormals, zeros and huge values", "already pruned",
                                   "negative", "random"])
-def test_lowest_k_marks_what_a_stable_sort_marks(kind):
+def test_lowest_k_marks_what_a_stable_sort_marks(kind, device):
     rng = random.Random(kind)
     values = {"many ties": [0.0, 0.25, 0.5, 1.0],
               "subnormals, zeros and huge values": [0.0, -0.0, 1e-45, 3e-42, 1e-38, 1.0, 3e38, -1e-45, -3e38],
@@ -414,7 +420,7 @@ def test_lowest_k_marks_what_a_stable_sort_marks(kind):
         if total < 2:
             continue
         k = rng.randint(1, total - 1)
-        got, expected = lowest_k_masks(scores, k, unscored), sorted_reference(scores, k, unscored)
+        got, expected = lowest_k_masks(scores, k, unscored, device), sorted_reference(scores, k, unscored)
         if got is None:  # nothing new to prune: the k lowest are all pruned already
             assert k <= unscored + sum(int((s == -math.inf).sum()) for s in scores)
             continue
@@ -477,9 +483,10 @@ def test_no_extra_state_before_pruning_starts_nor_while_sparsity_is_low():
     assert any("kept_index" not in opt.state[p] and opt.sparsity()[1][p] > 0 for p in prunable(ours))  # v = +inf
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amsgrad, bytes_per_kept", [(False, 12), (True, 16)])
-def test_state_bytes_per_prunable_weight_at_70_percent(amsgrad, bytes_per_kept):
-    model = small_conv_net()
+def test_state_bytes_per_prunable_weight_at_70_percent(amsgrad, bytes_per_kept, device):
+    model = small_conv_net().to(device)
     opt = AdamWPrune(model.parameters(), sparsity=0.7, amsgrad=amsgrad, prune_start=2, prune_end=20, prune_every=3)
     for t in range(25):
         random_grads(model.parameters(), t)
@@ -546,9 +553,6 @@ def test_resume_from_state_dict_is_bit_identical(save_at):
 
 
 # --- 9. devices, dtypes, layouts ---
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -839,9 +843,47 @@ def test_monitor_samples_every_n_steps_and_peak_includes_activations():
     assert report["process_peak_rss_bytes"] > report["peak_bytes"]
 
 
+@CUDA
+def test_on_cuda_the_monitor_reports_the_allocators_peaks_allocated_and_reserved():
+    device = torch.device("cuda")
+    model = nn.Linear(100, 10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = memory.MemoryMonitor(device, every=1)
+    block_bytes = 64 * 2 ** 20
+    for step in (1, 2):
+        with monitor.step(step, model, opt):
+            scratch = torch.ones(block_bytes, dtype=torch.uint8, device=device)  # made and freed inside the step
+            model(torch.randn(8, 100, device=device)).sum().backward()
+            opt.step()
+            del scratch
+    report, sample = monitor.report(), monitor.timeline[-1]
+    assert sample["allocated_bytes"] < block_bytes <= sample["step_peak_bytes"] <= sample["reserved_bytes"]
+    assert block_bytes <= report["peak_bytes"] <= report["peak_reserved_bytes"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_benchmark_rig_reports_its_step_peak_above_its_state_and_reserved_memory_on_cuda_only(device):
+    rig = memory.settled_rig("lenet5", "adamwprune", "state", 0.7, torch.device(device))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    state_bytes = memory.tensor_bytes(memory.training_tensors(rig.model, rig.optimizer, rig.buffers()))
+    activations = 128 * 6 * 28 * 28 * 4  # LeNet-5's first convolution's output for the batch of 128
+    peak_bytes, reserved_bytes = rig.peak_step_bytes()
+    assert peak_bytes >= state_bytes + activations
+    assert reserved_bytes is None if device == "cpu" else reserved_bytes >= peak_bytes
+
+
 # === models.py and train.py ===
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_mnist_dir():
+    """Where the real Fashion-MNIST is: ./data (how .ci/gpu carries it to a GPU machine) or Debian's folder."""
+    for directory in (os.path.join(HERE, "data"), FASHION_MNIST_DIR):
+        if os.path.isfile(os.path.join(directory, "train-images-idx3-ubyte.gz")):
+            return directory
+    pytest.skip(f"Fashion-MNIST is in neither ./data nor {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
 TINY_TRAIN, TINY_TEST = 512, 256  # images in the synthetic MNIST-format data set
 
 
@@ -1027,8 +1069,9 @@ def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_pa
     results = tiny_run(tiny_data, tmp_path, "--optimizer", "adamw", "--pruning", "magnitude")
     documented = {"config", "history", "sparsity_timeline", "memory", "wall_seconds", "environment", "final"}
     assert documented <= set(results)
-    assert set(results["final"]) == {"test_accuracy", "sparsity", "peak_memory_bytes", "wall_seconds",
-                                     "pruned_file_bytes", "dense_file_bytes"}
+    assert set(results["final"]) == {"test_accuracy", "sparsity", "peak_memory_bytes", "peak_reserved_bytes",
+                                     "wall_seconds", "pruned_file_bytes", "dense_file_bytes"}
+    assert results["final"]["peak_reserved_bytes"] is None  # no caching allocator on the CPU
     assert {"python", "torch", "torchvision", "device"} <= set(results["environment"])
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "sparsity"} <= set(results["history"][0])
@@ -1140,6 +1183,49 @@ def test_resnet18_trains_on_cifar_shaped_data(tmp_path, monkeypatch):
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     assert results["config"]["dataset"] == "cifar10" and results["final"]["sparsity"] == pytest.approx(0.7, abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, cosine", [
+    (["--model", "resnet18", "--optimizer", "adamw"], True), (["--optimizer", "adamw"], False),
+    (["--optimizer", "adamw", "--lr-schedule", "cosine"], True), (["--model", "resnet18", "--lr-schedule",
+                                                                   "constant"], False),
+    (["--optimizer", "adamwadv", "--lr-schedule", "constant"], True)], ids=str)
+def test_the_lr_is_annealed_by_cosine_for_resnet18_and_adamwadv_and_constant_for_lenet5(flags, cosine):
+    config = train.parse_args(flags + ["--device", "cpu"], writes=False)
+    optimizer, scheduler, _ = train.make_optimizer(config, small_net(), total_steps=10)
+    lrs = []
+    for _ in range(10):
+        train.update(config, small_net(), optimizer, scheduler, None)  # no gradients: nothing moves but the lr
+        lrs.append(optimizer.param_groups[0]["lr"])
+    lr = config["lr"]  # SGDR's cosine, by hand: lr (1 + cos(pi t / T)) / 2 after step t
+    assert lrs == pytest.approx([lr * (1 + math.cos(math.pi * t / 10)) / 2 if cosine else lr for t in range(1, 11)])
+
+
+@pytest.mark.parametrize("model, augmented", [("lenet5", False), ("resnet18", True)])
+def test_resnet18_trains_on_random_crops_and_flips_and_lenet5_on_the_images_as_they_are(tiny_data, model,
+                                                                                        augmented):
+    config = train.parse_args(tiny_args(tiny_data, "unused", "--model", model), writes=False)
+    data, test = train.load_data(config, torch.device("cpu"))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:64]  # the epoch's first draw
+    x, y = next(data.batches(64, torch.Generator().manual_seed(0)))
+    plain = lambda images: (images.float() - data.mean) / data.std  # noqa: E731
+    assert torch.equal(y, data.labels[order]) and torch.equal(x, plain(data.images[order])) != augmented
+    assert torch.equal(next(test.batches(64))[0], plain(test.images[:64]))  # test images: never augmented
+
+
+@CUDA
+def test_on_cuda_resnet18_trains_with_amp_bf16_in_channels_last_and_records_the_allocators_peaks(tiny_data,
+                                                                                                 tmp_path):
+    results = tiny_run(tiny_data, tmp_path, "--model", "resnet18", "--device", "cuda", "--amp", "bf16",
+                       "--epochs", "2")
+    final, history = results["final"], results["history"]
+    assert results["environment"]["device"] == torch.cuda.get_device_name()
+    assert results["memory"]["source"].startswith("CUDA caching allocator")
+    assert 11_173_962 * 4 < final["peak_memory_bytes"] <= final["peak_reserved_bytes"]  # fp32 weights, at least
+    assert final["sparsity"] == pytest.approx(0.7, abs=1e-6) and history[-1]["train_loss"] < history[0]["train_loss"]
+    weights = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    convolutions = [w for w in weights.values() if w.dim() == 4]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
 
 
 def test_progress_updates_one_line_on_a_terminal(tiny_data, capsys):
@@ -1288,9 +1374,7 @@ def test_spam_resets_both_moments_every_reset_interval():
 def test_default_recipe_lenet5_adamwprune_at_70_percent_reaches_89_percent_on_fashion_mnist(tmp_path):
     """The default recipe (10 epochs, about a minute on 2 CPU cores); with the variance score, seeds 1-5 gave
     89.12-89.61% (README: the ablation)."""
-    if not os.path.isdir(FASHION_MNIST_DIR):
-        pytest.skip(f"{FASHION_MNIST_DIR} is missing (apt-get install dataset-fashion-mnist)")
-    train.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+    train.main(["--dataset", "fashion-mnist", "--data-dir", fashion_mnist_dir(), "--device", "cpu",
                 "--out", str(tmp_path)])
     with open(tmp_path / "results.json") as f:
         final = json.load(f)["final"]
@@ -1470,6 +1554,21 @@ def test_text_report_names_every_row_within_100_columns(tmp_path):
     assert "AdamW-SPAM + movement @ 90%: curves left out" in " ".join(report.split())
     assert max(len(line) for line in report.splitlines()) <= 100
     assert "█" in report and "▁" in report
+
+
+def test_a_cuda_comparison_adds_the_reserved_peak_to_the_table_within_100_columns(tmp_path):
+    directory = make_comparison(tmp_path)
+    assert "reserved" not in plot.text_report(directory)  # the CPU has no caching allocator
+    with open(tmp_path / "comparison.json") as f:
+        comparison = json.load(f)
+    for i, row in enumerate(comparison["rows"]):
+        row["peak_reserved_mib"] = 1000.0 + i  # as train.py --compare writes a CUDA run's rows
+    with open(tmp_path / "comparison.json", "w") as f:
+        json.dump(comparison, f)
+    table = plot.text_report(directory).splitlines()[-len(STUDY) - 1:]
+    assert table[0].split()[:5] == ["row", "sparsity", "test", "acc", "peak"] and "reserved" in table[0].split()
+    assert [line.split()[-5] for line in table[1:]] == [f"{1000 + i}" for i in range(len(STUDY))]
+    assert max(len(line) for line in table) <= 100
 
 
 def test_ascii_report_is_pure_ascii_even_for_unicode_names(tmp_path):
@@ -2124,3 +2223,43 @@ def test_the_distributed_code_is_one_section_of_at_most_80_lines_in_a_train_py_o
     outside = lines[:start] + lines[end:]
     assert not any("dist.init_process_group" in line or "fully_shard(" in line or "DistributedDataParallel(" in line
                    or "all_reduce" in line for line in outside)
+
+
+# --- .ci/gpu: the checks that need a GPU, smoke-tested on the CPU ---
+
+GPU_SCRIPT_FILES = ["comparison.csv", "comparison.json", "comparison.svg", "log.txt", "memory.txt",
+                    "memory_timeline.svg", "memory_vs_accuracy.svg", "runs.tar.gz"]
+
+
+def run_gpu_script(*args, **env):
+    return subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu"), *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_the_gpu_script_smoke_runs_every_step_on_the_cpu_into_8_files(tiny_data, tmp_path):
+    fashion = tmp_path / "data" / "FashionMNIST" / "raw"  # the tiny data set, under Fashion-MNIST's name
+    shutil.copytree(os.path.join(tiny_data, "MNIST", "raw"), fashion)
+    out = tmp_path / "out"
+    done = run_gpu_script("--smoke", "--data-dir", str(tmp_path / "data"), str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(os.listdir(out)) == GPU_SCRIPT_FILES and all(os.path.isfile(out / name) for name in GPU_SCRIPT_FILES)
+    log = (out / "log.txt").read_text()
+    assert log == done.stdout and "FAILED" not in log  # everything printed, in the log
+    assert all(f"=== {i}/4 " in log for i in range(1, 5)) and "skipped" in log  # the CUDA tests: skipped here
+    assert "reserved" in (out / "memory.txt").read_text() and "adamwprune + state" in log
+    with open(out / "comparison.json") as f:
+        comparison = json.load(f)
+    assert (comparison["model"], comparison["dataset"], len(comparison["rows"])) == ("resnet18", "fashion-mnist", 8)
+    import tarfile
+    with tarfile.open(out / "runs.tar.gz") as runs:
+        assert sorted(os.path.dirname(name) for name in runs.getnames()) == sorted(
+            row["results_dir"] for row in comparison["rows"])
+    verdicts = [line for line in log.splitlines() if line.startswith(("met ", "NOT MET "))]
+    assert len(verdicts) == 4 and "dense AdamW" in verdicts[0]
+
+
+def test_the_gpu_script_stops_at_its_first_error_and_names_the_step(tmp_path):
+    done = run_gpu_script("--smoke", str(tmp_path / "out"), PYTHON="false")  # the first python call fails
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert done.returncode != 0 and "FAILED in step: the machine" in log and "=== 1/4" not in log
+    assert run_gpu_script("--epochs", "0", str(tmp_path / "out")).returncode == 2

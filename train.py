@@ -14,7 +14,7 @@ Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimize
 Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
 and "final") and DIR/checkpoint.pt after each epoch (under torchrun --fsdp, process N also checkpoint.rankN.pt).
 Accuracies are in percent. The data set lives on the device as uint8 tensors; batches are gathered,
-augmented (CIFAR-10) and normalised there.
+augmented (CIFAR-10, and every data set for ResNet-18) and normalised there.
 """
 import argparse
 import collections
@@ -52,11 +52,12 @@ DATASETS = {  # mean and std: per channel, of the training images scaled to [0, 
 SYSTEM_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist
 DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10"}  # Fashion-MNIST: also offline, from Debian
 DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50}  # resnet18: not measured on this project's CPU machines
+DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine"}  # cosine: SGDR's (Loshchilov & Hutter 2017), once
 OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in README.md
     "sgd": (0.03, 5e-4),  # momentum 0.9, L2 decay in the gradient
     "adam": (1e-3, 0.0),
     "adamw": (1e-3, 1e-2),  # decoupled decay, torch's default
-    "adamwadv": (3e-3, 1e-2),  # + amsgrad, cosine lr, grad-norm clipping
+    "adamwadv": (3e-3, 1e-2),  # + amsgrad, cosine lr whatever --lr-schedule, grad-norm clipping
     "adamwspam": (1e-3, 1e-2),
     "adamwprune": (1e-3, 1e-2),  # AdamW's: the comparison shares one recipe
 }
@@ -92,10 +93,8 @@ DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes 
 
 
 def parse_args(argv=None, writes=True):
-    """The command line as a config dict, every default resolved; bad input stops here.
-
-    writes=False is for callers that write nothing to --out (memory.py's benchmarks): a run
-    already there is then no reason to stop."""
+    """The command line as a config dict, every default resolved; bad input stops here. writes=False: for
+    callers that write nothing to --out (memory.py's benchmarks), a run already there is no reason to stop."""
     p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
     add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
     add("--model", choices=("lenet5", "resnet18"), default="lenet5", help="network (default: lenet5)")
@@ -110,6 +109,8 @@ def parse_args(argv=None, writes=True):
     add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"global batch size (default: {BATCH_SIZE})")
     add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
         + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
+    add("--lr-schedule", choices=("constant", "cosine"), help="learning rate over the run: constant, or cosine "
+        f"annealing to 0 at the last step; adamwadv is always cosine (default: {per_model(DEFAULT_LR_SCHEDULE)})")
     add("--prune-start", type=int, metavar="STEP",
         help=f"optimizer step where pruning starts (default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
     add("--prune-end", type=int, metavar="STEP", help="optimizer step where the final sparsity is reached "
@@ -147,6 +148,7 @@ def parse_args(argv=None, writes=True):
     args.dataset = args.dataset or DEFAULT_DATASET[args.model]
     args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
     args.lr = args.lr or OPTIMIZERS[args.optimizer][0]
+    args.lr_schedule = args.lr_schedule or DEFAULT_LR_SCHEDULE[args.model]
     if args.dry_run:
         args.epochs, args.limit = 1, min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
     if args.device == "auto":
@@ -281,7 +283,8 @@ def load_dataset(name, data_dir):
 
 
 def random_crop_flip(images, shifts, flips, pad=4):
-    """Random crop after zero-padding by `pad`, then a horizontal flip, for a whole batch at once.
+    """Random crop after zero-padding by `pad`, then a horizontal flip, for a whole batch at once: CIFAR-10's usual
+    augmentation (He et al. 2016), which Zhong et al. 2020 (arXiv:1708.04896) used on Fashion-MNIST too.
 
     images (B, C, H, W); shifts (B, 2) in [0, 2 * pad]; flips (B,) bool."""
     batch, channels, height, width = images.shape
@@ -332,7 +335,8 @@ def load_data(config, device):
     dataset, arrays = DATASETS[config["dataset"]], load_dataset(config["dataset"], config["data_dir"])
     images_train, labels_train, images_test, labels_test = [a[:config["limit"]].to(device) for a in arrays]
     options = dict(mean=dataset.mean, std=dataset.std, channels_last=channels_last_for(config))
-    return (DeviceData(images_train, labels_train.long(), augment=config["dataset"] == "cifar10", **options),
+    augment = config["dataset"] == "cifar10" or config["model"] == "resnet18"  # LeNet-5 on (Fashion-)MNIST: none
+    return (DeviceData(images_train, labels_train.long(), augment=augment, **options),
             DeviceData(images_test, labels_test.long(), augment=False, **options))
 
 
@@ -542,12 +546,13 @@ def make_optimizer(config, model, total_steps):
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     elif name == "adamwadv":  # AdamW + AMSGrad (Reddi et al. 2018, "On the Convergence of Adam and Beyond")
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=True)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     elif name == "adamwspam":
         optimizer = AdamWSPAM(params, lr=lr, weight_decay=weight_decay)
     else:
         optimizer = AdamWPrune(params, lr=lr, weight_decay=weight_decay, sparsity=config["sparsity"], schedule=SCHEDULE,
                                importance=config["importance"], check_replicas=replicas, **schedule)
+    if config["lr_schedule"] == "cosine" or name == "adamwadv":  # stepped once per optimizer step
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config["pruning"] in ("magnitude", "movement"):
         method = MagnitudePruning if config["pruning"] == "magnitude" else MovementPruning
         pruning = method(params, config["sparsity"], check_replicas=replicas, **schedule)
@@ -633,8 +638,7 @@ class TrainingState:
 
 
 def update(config, model, optimizer, scheduler, pruning):
-    """What a training step does after backward: pruning scores see this step's gradients,
-    masks act after the optimizer step."""
+    """A training step after backward: pruning scores see this step's gradients; masks act after the step."""
     if pruning:
         pruning.observe()
     if config["optimizer"] == "adamwadv":
@@ -751,7 +755,8 @@ def run(config):
             save_checkpoint(state, path)
     report = state.monitor.report()
     if ranks > 1:  # figures per rank: the largest over ranks
-        keys = ("peak_bytes", "mean_bytes", "process_peak_rss_bytes")
+        keys = [key for key in ("peak_bytes", "mean_bytes", "process_peak_rss_bytes", "peak_reserved_bytes")
+                if report[key] is not None]  # peak reserved: CUDA only
         report.update(zip(keys, map(round, over_ranks([report[key] for key in keys], device, dist.ReduceOp.MAX))),
                       per_rank=f"{', '.join(keys)}: the largest of {ranks} ranks; timeline: rank 0's")
     results = {
@@ -764,7 +769,8 @@ def run(config):
             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
             "world_size": ranks, "backend": dist.get_backend() if ranks > 1 else None, "sharded": config["fsdp"]},
         "final": {"test_accuracy": state.history[-1]["test_accuracy"], "sparsity": prunable_sparsity(state.model),
-                  "peak_memory_bytes": report["peak_bytes"], "wall_seconds": state.wall_seconds},
+                  "peak_memory_bytes": report["peak_bytes"], "peak_reserved_bytes": report["peak_reserved_bytes"],
+                  "wall_seconds": state.wall_seconds},  # peak reserved: CUDA only (None on the CPU)
     }
     if config["pruning"] != "none":  # the pruned model, smaller on disk (FSDP2: gathered, on every rank)
         weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
@@ -852,9 +858,11 @@ def main(argv=None):
             if config["compare"]:
                 return compare(config)
             final = run(config)["final"]
+            reserved = final["peak_reserved_bytes"] and memory.format_bytes(final["peak_reserved_bytes"])
             print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: test accuracy "
                   f"{final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, peak memory "
-                  f"{memory.format_bytes(final['peak_memory_bytes'])}{' per rank' if rank_and_world()[1] > 1 else ''}, "
+                  f"{memory.format_bytes(final['peak_memory_bytes'])}{f' ({reserved} reserved)' if reserved else ''}"
+                  f"{' per rank' if rank_and_world()[1] > 1 else ''}, "
                   f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}"
                   + (f"; model.pruned.pt {final['pruned_file_bytes'] / final['dense_file_bytes']:.2f}x the dense "
                      "state_dict" if "pruned_file_bytes" in final else ""))
