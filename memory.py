@@ -13,6 +13,7 @@ What is measured, and how:
 """
 import argparse
 import contextlib
+import gc
 import io
 import os
 import resource
@@ -309,11 +310,11 @@ def median_seconds(actions, repeats, warmup=2):
     seconds = {name: [] for name in actions}
     for round_index in range(warmup + repeats):
         for name in rng.sample(list(actions), len(actions)):
-            if torch.cuda.is_available():
+            if torch.cuda.is_initialized():  # work on a GPU: wait for it
                 torch.cuda.synchronize()
             start = time.perf_counter()
             actions[name]()
-            if torch.cuda.is_available():
+            if torch.cuda.is_initialized():
                 torch.cuda.synchronize()
             if round_index >= warmup:
                 seconds[name].append(time.perf_counter() - start)
@@ -336,6 +337,7 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
                         if pruning != "none" or phase == "before"]
     for optimizer, pruning, phase, target in phases:  # 1) memory, each rig alone on the device
         if device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()  # the last rig's blocks go back: the reserved peak is this rig's
         rig = settled_rig(model_name, optimizer, pruning, target, device)
         state_bytes, pruning_bytes = rig.bytes_per_prunable()
@@ -385,9 +387,11 @@ def mask_update_seconds(model_name, optimizer, pruning, sparsity, device, repeat
 def sharded_state_bytes(model_name, device, sparsity=0.7):
     """Run by torchrun: the model sharded by FSDP2 over every rank and AdamWPrune pruned to
     `sparsity`. Returns (optimizer state bytes on each rank, one process's, prunable weights)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))  # the default is on a GPU if any
     one_process = Rig(model_name, "adamwprune", "state", sparsity, device)
-    sharded = Rig(model_name, "adamwprune", "state", sparsity, device, wrap=fully_shard)
+    sharded = Rig(model_name, "adamwprune", "state", sparsity, device, wrap=lambda model: fully_shard(model, mesh=mesh))
     for rig in (one_process, sharded):
         for _ in range(2):  # prune at step 1, settle
             rig.train_step()

@@ -1930,11 +1930,13 @@ def uneven_net():
 
 
 def sharded(model):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (2,))  # torch's default mesh would be on a GPU, where there is one
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def train_steps(model, opt, steps, start=0):

@@ -11,10 +11,9 @@ Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimize
     $ python train.py --compare                               # every pairing of the study, with plots
     $ torchrun --standalone --nproc-per-node 2 train.py       # 2 processes (DDP); add --fsdp to shard
 
-Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
-and "final") and DIR/checkpoint.pt after each epoch (under torchrun --fsdp, process N also checkpoint.rankN.pt).
-Accuracies are in percent. The data set lives on the device as uint8 tensors; batches are gathered,
-augmented (CIFAR-10, and every data set for ResNet-18) and normalised there.
+Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions, "final";
+accuracies in percent) and DIR/checkpoint.pt after each epoch (torchrun --fsdp: process N's checkpoint.rankN.pt).
+The data set lives on the device as uint8 tensors; batches are gathered, augmented (ResNet-18, CIFAR-10) there.
 """
 import argparse
 import collections
@@ -373,9 +372,10 @@ def wrapped(model, config):
         return model
     if not config["fsdp"]:
         return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # grads in its buckets
+    mesh = dist.init_device_mesh(torch.device(config["device"]).type, (rank_and_world()[1],))  # torch's default: a GPU
     for block in model.stages if config["model"] == "resnet18" else model.children():  # BasicBlocks; layers
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def over_ranks(numbers, device, op=dist.ReduceOp.SUM):
@@ -605,7 +605,7 @@ class TrainingState:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "pruning": self.pruning.state_dict() if self.pruning else None,
             "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                    "cuda": torch.cuda.get_rng_state_all() if "cuda" in self.config["device"] else []},
         }
 
     def read_checkpoint(self, path):
