@@ -180,7 +180,9 @@ class MemoryMonitor:
         self.every = every
         self.timeline = []
         self.cuda_peak_bytes = self.cuda_peak_reserved_bytes = 0  # CUDA: the highest max_memory_* before a reset
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # what an earlier run left (train.py --compare runs them in one process)
+            gc.collect()  # is freed, and its cached blocks go back: the peaks are this run's
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
 
     @contextlib.contextmanager
@@ -525,7 +527,8 @@ def main(argv=None):
           f"(batch {BATCH_SIZE['lenet5']} for lenet5, {BATCH_SIZE['resnet18']} for resnet18); update: "
           f"optimizer + pruning work after backward, median of {args.repeats}, against torch's AdamW "
           "(fused=True, and foreach=True) on the same gradients; mask update: the time one adds, in fused steps; "
-          "reserved: on CUDA, the allocator's max_memory_reserved in that step, the rig alone on the device")
+          "reserved: on CUDA, the allocator's max_memory_reserved in that step, the rig alone on the device, its "
+          "input batch and cuBLAS's workspace included (left out of peak)")
     header = (f"{'model':<9} {'optimizer + pruning':<22} {'phase':<7} {'sparsity':>8} {'state B':>8} "
               f"{'pruning B':>9} {'peak MiB':>9} {'reserved':>9} {'update ms':>10} {'vs fused':>9} {'vs foreach':>10} "
               f"{'mask update':>11}")
