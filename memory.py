@@ -389,11 +389,10 @@ def mask_update_seconds(model_name, optimizer, pruning, sparsity, device, repeat
 def sharded_state_bytes(model_name, device, sparsity=0.7):
     """Run by torchrun: the model sharded by FSDP2 over every rank and AdamWPrune pruned to
     `sparsity`. Returns (optimizer state bytes on each rank, one process's, prunable weights)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))  # the default is on a GPU if any
+    import train
     one_process = Rig(model_name, "adamwprune", "state", sparsity, device)
-    sharded = Rig(model_name, "adamwprune", "state", sparsity, device, wrap=lambda model: fully_shard(model, mesh=mesh))
+    sharded = Rig(model_name, "adamwprune", "state", sparsity, device,  # sharded as train.py --fsdp shards it
+                  wrap=lambda model: train.wrapped(model, {"model": model_name, "device": str(device), "fsdp": True}))
     for rig in (one_process, sharded):
         for _ in range(2):  # prune at step 1, settle
             rig.train_step()

@@ -13,9 +13,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -885,6 +887,8 @@ def fashion_mnist_dir():
         if os.path.isfile(os.path.join(directory, "train-images-idx3-ubyte.gz")):
             return directory
     pytest.skip(f"Fashion-MNIST is in neither ./data nor {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+
+
 TINY_TRAIN, TINY_TEST = 512, 256  # images in the synthetic MNIST-format data set
 
 
@@ -2266,7 +2270,6 @@ def test_the_gpu_script_smoke_runs_every_step_on_the_cpu_into_8_files(tiny_data,
     with open(out / "comparison.json") as f:
         comparison = json.load(f)
     assert (comparison["model"], comparison["dataset"], len(comparison["rows"])) == ("resnet18", "fashion-mnist", 8)
-    import tarfile
     with tarfile.open(out / "runs.tar.gz") as runs:
         assert sorted(os.path.dirname(name) for name in runs.getnames()) == sorted(
             row["results_dir"] for row in comparison["rows"])
@@ -2275,8 +2278,6 @@ def test_the_gpu_script_smoke_runs_every_step_on_the_cpu_into_8_files(tiny_data,
 
 
 def test_the_gpu_script_stopped_by_a_time_limit_hands_back_the_rows_done(tiny_data, tmp_path):
-    import signal
-    import tarfile
     shutil.copytree(os.path.join(tiny_data, "MNIST", "raw"), tmp_path / "data" / "FashionMNIST" / "raw")
     out = tmp_path / "out"
     script = subprocess.Popen(["bash", os.path.join(HERE, ".ci", "gpu"), "--smoke", "--data-dir",
