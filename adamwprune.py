@@ -17,12 +17,10 @@ optimizer steps c (the pruning clock). w weight, g gradient, m = exp_avg, v = ex
            v <- beta2 * v + (1 - beta2) * g * g          (amsgrad: v_max <- max(v_max, v))
            w <- w - lr * (m / (1 - beta1^n)) / (sqrt(v / (1 - beta2^n)) + eps)
        The class gathers lists; torch's functional torch.optim.adamw.adamw does the arithmetic,
-       in its fused kernel where the device has one. A pruned weight of a dense tensor has w = 0
-       and v = +inf, so its step is exactly zero. A compacted tensor is decayed whole (pruned
-       weights are zero); the rest of its step runs on the kept weights, from their gathered
-       gradients, and is added back at kept_index.
-    2. If prune_start <= c <= prune_end, on the prune_every grid or at prune_end, for the
-       prunable tensors (2 or more dimensions, unless the group sets `prune`):
+       in its fused kernel where the device has one.
+    2. If sparsity > 0 and mask_update_due(c): prune_start <= c <= prune_end, on the prune_every
+       grid or at prune_end; for the prunable tensors (2 or more dimensions and trained, unless
+       the group sets `prune`):
        a. k = min(round(s(c) * N), N - 1) of the N prunable weights, one always kept:
               cubic:  s(c) = sparsity * (1 - (1 - (c - prune_start) / (prune_end - prune_start))^3)
               linear: s(c) = sparsity * (c - prune_start) / (prune_end - prune_start)
@@ -30,35 +28,38 @@ optimizer steps c (the pruning clock). w weight, g gradient, m = exp_avg, v = ex
           (the default), magnitude |w|, hybrid |w * m| * |w| / (sqrt(v) + eps), momentum
           |w| * sqrt(|m|). Pruned weights score -inf: a mask never un-prunes. A weight that never
           had a gradient has m = v = 0: the state scores rank it lowest, magnitude by |w|.
-       c. find the k lowest scores of all tensors, ties by position, by a radix select on the
-          float32 bits: pass 1 counts the high 16 bits, pass 2 the low 16 bits inside the bin
-          of the k-th, pass 3 marks. One tensor's scores exist at a time.
-       d. prune: w <- 0, v <- +inf. Once compact state is smaller for the tensor's dtype (fp32:
-          over a third pruned, a quarter with amsgrad), keep kept_index (int32) and the moments
-          of the kept weights only.
+       c. find the k lowest scores of all tensors, ties by position (lowest_k: a radix select on
+          keys that sort as the scores do, 16 bits a pass; one tensor's scores exist at a time).
+       d. prune: w <- 0, and the state takes the form below that is smaller.
 
-Memory: optimizer state per prunable weight (fp32; amsgrad adds v_max, like v)
-    before prune_start             8 B (m, v), as AdamW: nothing extra
-    sparsity s <= 1/3              8 B: the mask is v = +inf
-    s > 1/3 (compact)              12 (1 - s) B: kept_index, m, v of the kept weights
-    at s = 0.7                     3.6 B (amsgrad: 4.8 B, where AdamW keeps 12 B)
-    transient, mask update         the largest tensor's scores and gathered weights (8 B per
-                                   element), one bool mask at a time, two 512 KiB histograms
-    transient, step                gathered gradients and changes: 8 B per kept compact weight
+State of a prunable tensor, in one of two forms (this rank's shard; amsgrad adds v_max beside v):
+    dense     step, exp_avg, exp_avg_sq     shaped like the tensor; a pruned weight has w = 0, v = +inf,
+                                            so its step m / (sqrt(v) + eps) is zero whatever m is
+    compact   step, kept_index (int32), kept_exp_avg, kept_exp_avg_sq: 1-D, the kept weights only;
+              kept_index holds their positions in memory order (flat_view) in this rank's shard
+    A tensor turns compact for good at the first mask update where compact_is_smaller (fp32: over
+    a third pruned, a quarter with amsgrad). Its step decays the whole tensor and runs AdamW on the
+    kept weights alone. Optimizer state per prunable fp32 weight: 8 B (m, v) as AdamW up to 1/3
+    pruned, then 12 (1 - s) B: 3.6 B at s = 0.7 (amsgrad 4.8 B, where AdamW keeps 12 B). Transient:
+    a mask update, the largest tensor's scores and gathered weights (8 B per element), two bool
+    masks over it and a few 512 KiB histograms; a step, 8 B per kept weight of compact tensors.
+
+State dict: optimizer.state_dict() holds these forms, and load_state_dict takes them back (and
+torch.optim.AdamW's), refusing state whose shapes do not fit the parameters. torch.optim.AdamW
+finds no exp_avg in compact state and stops: adamw_state_dict() gives it the dense form.
 
 Caveats
     - One threshold per param group: keep all prunable tensors in one group (the default) for a
       global ranking; a group with its own `sparsity` is pruned to that fraction by itself.
-    - Masks act on the values the optimizer sees and index a tensor's memory: load pretrained
-      weights before the first mask update, and keep layouts (e.g. channels_last) fixed after.
-    - Frozen parameters (requires_grad=False) are never pruned.
+    - Masks index a tensor's memory: load pretrained weights before the first mask update, and
+      keep layouts (e.g. channels_last) fixed after it.
     - bf16/fp16: a compacted tensor adds its change rounded to the parameter's dtype, so kept
       weights may differ from dense AdamW by one unit in the last place.
-    - FSDP2 (fully_shard: Shard(0) on a 1-D mesh): each rank steps and scores its own shard and
-      keeps compact state for it alone; each threshold pass sums its counts over the mesh's
-      group, so a sharded run prunes the weights one process would. Every rank calls step();
-      save optimizer.state_dict() per rank. DDP: check_replicas verifies that masks agree.
-    - Sparse gradients, capturable (CUDA graphs) and differentiable are not supported.
+    - FSDP2 (fully_shard: Shard(0) on a 1-D mesh): each rank steps, scores and keeps state for
+      its own shard; each threshold pass sums its counts over the mesh's group, so a sharded run
+      prunes the weights one process would. Every rank calls step(); save state_dict() per rank.
+      DDP: check_replicas compares the ranks' thresholds.
+    - Not supported: sparse gradients, complex or meta parameters, capturable, differentiable.
 
 References: AdamW, Loshchilov & Hutter 2019 (arXiv:1711.05101); the cubic schedule,
 Zhu & Gupta 2017 (arXiv:1710.01878).
@@ -70,7 +71,23 @@ import torch
 from torch.optim.adamw import adamw
 
 IMPORTANCES = ("hybrid", "variance", "momentum", "magnitude")
+DEFAULT_IMPORTANCE = "variance"  # chosen by measurement: the ablation of the project's comparison
 SCHEDULES = ("cubic", "linear")
+
+
+def prunable(p, group):
+    """Whether a tensor is pruned: trained (frozen tensors are never ranked against trained ones),
+    and 2+ dimensions unless the group's `prune` says otherwise."""
+    if not p.requires_grad:
+        return False
+    return group["prune"] if group.get("prune") is not None else p.dim() >= 2
+
+
+def mask_update_due(step, group):
+    """Whether masks change after optimizer step `step`: the schedule of every pruning method."""
+    start, end = group["prune_start"], group["prune_end"]
+    return group["sparsity"] > 0 and start <= step <= end and (
+        (step - start) % group["prune_every"] == 0 or step == end)
 
 
 def scheduled_sparsity(step, sparsity, schedule, prune_start, prune_end):
@@ -93,14 +110,14 @@ def target_count(sparsity, numel):
 def importance_score(importance, weight, exp_avg, exp_avg_sq, eps, out=None):
     """Importance of each weight (higher = keep), as a float32 tensor: `out`, or a new one.
 
-    Each chain copies one operand into that tensor and then works in place: it is the whole
+    Each chain writes its first result into that tensor and then works in place: it is the whole
     transient memory of a score."""
     out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if out is None else out
     if importance == "hybrid":  # |w * m| * |w| / (sqrt(v) + eps)
         score = out.copy_(exp_avg_sq).sqrt_().add_(eps).reciprocal_()
         return score.mul_(exp_avg).mul_(weight).mul_(weight).abs_()
     if importance == "variance":  # |w| * v^(1/4)
-        return out.copy_(exp_avg_sq).pow_(0.25).mul_(weight).abs_()
+        return torch.pow(exp_avg_sq, 0.25, out=out).mul_(weight).abs_()
     if importance == "momentum":  # |w| * sqrt(|m|)
         return out.copy_(exp_avg).abs_().sqrt_().mul_(weight).abs_()
     return out.copy_(weight).abs_()  # magnitude: |w|
@@ -117,68 +134,84 @@ def local(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-# --- the k lowest scores: a radix select over float32 bit patterns ---
-BINS = 1 << 16  # one bin per value of 16 bits
+# --- the k lowest scores: a radix select ---
+BINS = 1 << 16  # a pass reads 16 bits of each key: the high half, then the low half
+OUTSIDE = BINS  # pass 2's bin for the keys outside the chosen bin of pass 1
+
+
+def ordered_key(bits):
+    """int32 keys that sort as the float32 values whose bits they are (NaN aside). A negative
+    float's bits grow as the float falls, so there all bits but the sign are flipped. Its own inverse."""
+    return (bits >> 31).bitwise_and_(0x7fffffff).bitwise_xor_(bits)
 
 
 def lowest_k(score_fns, k, device, unscored=0, group=None):
-    """The k lowest scores of all tensors: (threshold, marks), marks yielding (i, prune) one
-    tensor at a time, prune a bool tensor over the scores of score_fns[i](). Scores below the
-    threshold are marked, and as many equal to it as make k, by position (tensor by tensor;
-    within a tensor rank by rank, then in memory order). None when the k lowest are pruned
-    already, or when a score is NaN or +inf (then with a warning).
+    """The k lowest of all scores, as (threshold, marks), or None when there is nothing new to
+    prune (the k lowest are pruned already) or a score is NaN or +inf (then with a warning).
+    score_fns[i]() returns tensor i's scores, 1-D float32 on `device`, -inf where pruned (this
+    overwrites them; a buffer may be reused: each is read before the next call); `unscored`
+    counts pruned weights without a score, ranked lowest. marks yields (i, prune) one tensor at a
+    time, and marks what a stable sort of all scores marks:
 
-    score_fns[i]() returns a 1-D float32 tensor on `device`, -inf where a weight is pruned,
-    which this overwrites (it may reuse a buffer: each is read before the next call).
-    `unscored` counts pruned weights without a score: they rank lowest. With a process group,
-    every rank holds shards of the same tensors; the counts of each pass are summed over it,
-    in the same collectives on every rank."""
+        everything = torch.cat([fn() for fn in score_fns])  # FSDP2 shards: rank by rank per tensor
+        prune = torch.zeros(everything.numel(), dtype=torch.bool)
+        prune[torch.sort(everything, stable=True).indices[:k - unscored]] = True
+        marks = enumerate(prune.split([fn().numel() for fn in score_fns]))
+
+    Here no two tensors' scores exist at once: pass 1 counts the high 16 bits of each score's key,
+    pass 2 the low 16 bits inside the bin of the k-th, pass 3 marks. With a process group every
+    rank holds shards of the same tensors: each count is summed over it, in the same collectives
+    on every rank, and where only some of the scores equal to the threshold go, a 4th pass counts
+    them on each rank, to break ties in one process's order."""
 
     def summed_over_ranks(counts):  # the one place where ranks talk
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)
         return counts.cpu()
 
-    def scores(fn):  # -0.0 becomes 0.0: equal scores, equal bits
+    def scores(fn):  # -0.0 becomes 0.0: equal scores, equal keys
         return fn().add_(0.0)
 
-    # 1) counts: the unscored, each bin of the high 16 bits, tensors with NaN or +inf scores
-    counts = torch.zeros(BINS + 2, dtype=torch.int64, device=device)
-    counts[0] = unscored
+    # 1) how many scores have each high half of their bits, and are any NaN or +inf?
+    raw_counts = torch.zeros(BINS, dtype=torch.int64, device=device)
+    non_finite = torch.zeros(1, dtype=torch.int64, device=device)
     for fn in score_fns:
         bits = scores(fn).view(torch.int32)
         if bits.numel():
-            counts[BINS + 1] += (~(bits.view(torch.float32).max() < math.inf)).to(torch.int64)
-        counts[1:BINS + 1] += torch.bincount(bits.bitwise_right_shift_(16).add_(BINS // 2), minlength=BINS)
-    counts = summed_over_ranks(counts)
-    if counts[BINS + 1]:
+            non_finite += ~(bits.view(torch.float32).max() < math.inf)
+        raw_counts += torch.bincount(bits.bitwise_right_shift_(16).add_(BINS // 2), minlength=BINS)
+    unscored = int(summed_over_ranks(torch.tensor([unscored], device=device)))
+    if summed_over_ranks(non_finite):
         warnings.warn("AdamWPrune: non-finite importance scores; mask update skipped "
                       "(check for inf/nan weights or gradients)")
         return None
-    # by value: a negative float's bits grow as it falls, so the lower half of the bins runs backwards
-    at_or_below = torch.cat([counts[:1], counts[1:BINS // 2 + 1].flip(0), counts[BINS // 2 + 1:BINS + 1]]).cumsum(0)
-    position = int(torch.searchsorted(at_or_below, k))  # 0: the unscored, else 1 + a bin by value
-    if position == 0:
+    bin_keys = torch.arange(-BINS // 2, BINS // 2, dtype=torch.int32) << 16  # each bin's first key, in order
+    counts = summed_over_ranks(raw_counts)[(ordered_key(bin_keys) >> 16) + BINS // 2]  # the bins by value
+    at_or_below = counts.cumsum(0) + unscored
+    if k <= unscored:
         return None
-    high = -position if position <= BINS // 2 else position - 1 - BINS // 2  # that bin's high bits
-    below = int(at_or_below[position - 1])
-    del counts, at_or_below
-    # 2) counts of the low 16 bits inside that bin
-    counts = torch.zeros(BINS + 2, dtype=torch.int64, device=device)
+    high_bin = int(torch.searchsorted(at_or_below, k))  # the bin of the k-th lowest
+    below = int(at_or_below[high_bin - 1]) if high_bin else unscored
+    high = high_bin - BINS // 2  # the high half of its key
+    # 2) inside that bin, how many keys have each low half: a score's bits xor the bits of the bin's
+    #    first key give its key's low half there, and a number outside [0, BINS) elsewhere
+    first_bits = int(ordered_key(torch.tensor([high << 16], dtype=torch.int32)))
+    low_counts = torch.zeros(BINS + 1, dtype=torch.int64, device=device)
     for fn in score_fns:
-        bits = scores(fn).view(torch.int32).sub_(high << 16).clamp_(-1, BINS).add_(1)  # 1 + low bits
-        counts += torch.bincount(bits, minlength=BINS + 2)
-    inside = summed_over_ranks(counts)[1:BINS + 1]
-    inside = inside.flip(0) if high < 0 else inside  # by value
-    at_or_below = inside.cumsum(0) + below
-    position = int(torch.searchsorted(at_or_below, k))
-    low = position if high >= 0 else BINS - 1 - position
-    threshold = torch.tensor((high << 16) | low, dtype=torch.int32).view(torch.float32).item()
+        low = scores(fn).view(torch.int32).bitwise_xor_(first_bits)
+        low.masked_fill_((low < 0).logical_or_(low >= BINS), OUTSIDE)
+        low_counts += torch.bincount(low, minlength=BINS + 1)
+        del low
+    low_counts = summed_over_ranks(low_counts)[:OUTSIDE]
+    at_or_below = low_counts.cumsum(0) + below
+    low = int(torch.searchsorted(at_or_below, k))
+    key = torch.tensor([(high << 16) | low], dtype=torch.int32)
+    threshold = ordered_key(key).view(torch.float32).item()  # the k-th lowest score
     if threshold == -math.inf:
         return None
-    equal = int(inside[position])
-    ties = k - (int(at_or_below[position]) - equal)  # how many of those equal to it are pruned
-    # 3) marks; when only some of the equal scores go, shards need the ties on earlier ranks
+    equal = int(low_counts[low])
+    ties = k - (int(at_or_below[low]) - equal)  # how many of the scores equal to it are pruned
+    # 3) marks; where only some of the equal scores go, shards need the ties on earlier ranks
     ties_before = None
     if ties < equal and group is not None:
         mine = torch.tensor([int((scores(fn) == threshold).count_nonzero()) for fn in score_fns], device=device)
@@ -191,7 +224,7 @@ def lowest_k(score_fns, k, device, unscored=0, group=None):
     def marks():
         taken = 0
         for i, fn in enumerate(score_fns):
-            score = scores(fn)
+            score = fn()  # float compares: -0.0 == 0.0
             prune = score <= threshold if ties == equal else score < threshold
             if ties < equal:
                 before = taken if ties_before is None else ties_before[i]
@@ -201,6 +234,24 @@ def lowest_k(score_fns, k, device, unscored=0, group=None):
             del score
             yield i, prune
     return threshold, marks()
+
+
+def prune_lowest(params, group, score, apply, unscored=0, check_replicas=None):
+    """One mask update, for AdamWPrune and every other pruning method: of the prunable `params`
+    (one param group: `group` holds the schedule's options and its clock, optimizer_step), find
+    the k lowest scores, k from the schedule, and call apply(p, prune) for each tensor with new
+    marks. score(p) gives p's flat float32 scores, -inf where pruned; `unscored` counts pruned
+    weights without a score; check_replicas: as AdamWPrune's."""
+    step = group["optimizer_step"]
+    target = scheduled_sparsity(step, group["sparsity"], group["schedule"], group["prune_start"],
+                                group["prune_end"])
+    k = target_count(target, sum(p.numel() for p in params))  # p.numel(): the whole tensor
+    score_fns = [lambda p=p: score(p) for p in params]
+    found = lowest_k(score_fns, k, local(params[0]).device, unscored, _process_group(params))
+    for i, prune in found[1] if found else []:
+        apply(params[i], prune)
+    if check_replicas is not None:
+        check_replicas_agree(check_replicas, found[0] if found else math.nan, step)
 
 
 # --- the optimizer ---
@@ -234,6 +285,38 @@ def _check_options(o):
         raise ValueError(f"Invalid prune_end: {o['prune_end']} (must be >= prune_start = {o['prune_start']})")
 
 
+def compact_is_smaller(kept, numel, moments, element_size):
+    """The break-even of the two forms: an int32 index and the moments of the kept weights only,
+    against the moments of every weight."""
+    return kept * (4 + moments * element_size) < numel * moments * element_size
+
+
+def _check_state(state, param, where):
+    """Raise unless saved state fits its parameter: its shard, dense moments shaped like it,
+    compact ones like kept_index, whose positions lie inside it."""
+    saved_on, loaded_on = tuple(state.get("shard", ())), _shard_of(param)
+    if saved_on != loaded_on:
+        on = lambda shard: f"rank {shard[0]} of {shard[1]}" if shard else "an unsharded parameter"
+        raise RuntimeError(
+            f"AdamWPrune: optimizer state saved on {on(saved_on)} is loaded on {on(loaded_on)}: under FSDP2 "
+            "each rank saves and loads its own optimizer.state_dict() (torch.save, one file per rank), at the "
+            "same world size. torch.distributed.checkpoint keeps only one rank's copy of AdamWPrune's per-rank "
+            "state, so it cannot be used")
+    index, numel = state.get("kept_index"), local(param).numel()
+    shape = tuple(local(param).shape) if index is None else (index.numel(),)
+    wrong = [f"{key} has shape {tuple(value.shape)} where {shape} fits" for key, value in state.items()
+             if "exp_avg" in key and tuple(value.shape) != shape]
+    if index is not None and (index.dim() != 1 or index.is_floating_point() or index.numel() and not (
+            0 <= int(index.min()) and int(index.max()) < numel)):
+        wrong.insert(0, f"kept_index ({tuple(index.shape)}, {index.dtype}) is no list of positions of {numel}")
+    if index is not None and tuple(state.get("shape", local(param).shape)) != tuple(local(param).shape):
+        wrong.insert(0, f"its compact state is of a tensor of shape {tuple(state['shape'])}, this one is "
+                        f"{tuple(local(param).shape)}")
+    if wrong:
+        raise ValueError(f"AdamWPrune.load_state_dict: {where}: {wrong[0]}: the state was saved for another "
+                         "model, or its parameters in another order; load it into an optimizer over those")
+
+
 class AdamWPrune(torch.optim.Optimizer):
     """AdamW that prunes during training by its own states; the module docstring has the algorithm.
 
@@ -246,7 +329,7 @@ class AdamWPrune(torch.optim.Optimizer):
             unless foreach=True (default: None)
         capturable, differentiable: AdamW's; must be False (default: False)
         sparsity: final fraction of prunable weights set to zero, in [0, 1) (default: 0.7)
-        importance: variance, magnitude, hybrid or momentum (default: "variance", by the rule in README.md)
+        importance: variance, magnitude, hybrid or momentum (default: DEFAULT_IMPORTANCE, variance)
         schedule: cubic or linear growth of sparsity (default: "cubic")
         prune_start: optimizer step where pruning starts (default: 200)
         prune_end: optimizer step where the final sparsity is reached (default: 2000)
@@ -257,7 +340,7 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, sparsity=0.7, importance="variance",
+                 differentiable=False, fused=None, sparsity=0.7, importance=DEFAULT_IMPORTANCE,
                  schedule="cubic", prune_start=200, prune_end=2000, prune_every=50,
                  check_replicas=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -272,6 +355,12 @@ class AdamWPrune(torch.optim.Optimizer):
         _check_options({**self.defaults, **param_group})
         param_group.setdefault("optimizer_step", 0)  # the pruning clock, c
         super().add_param_group(param_group)
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if p.is_complex() or local(p).is_meta:
+                raise ValueError(f"AdamWPrune: parameter {i} of param group {len(self.param_groups) - 1} is "
+                                 + ("complex: train it with torch.optim.AdamW in an optimizer of its own" if
+                                    p.is_complex() else "on the meta device, with no values yet: materialise the "
+                                    "model (model.to_empty(device=...), then initialise it) first"))
         self._pick_kernel(self.param_groups[-1])
 
     def __setstate__(self, state):
@@ -298,17 +387,16 @@ class AdamWPrune(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            group["optimizer_step"] = c = group["optimizer_step"] + 1
+            group["optimizer_step"] += 1
             self._adamw_step(group)
-            if group["sparsity"] > 0 and group["prune_start"] <= c <= group["prune_end"] and (
-                    (c - group["prune_start"]) % group["prune_every"] == 0 or c == group["prune_end"]):
+            if mask_update_due(group["optimizer_step"], group):
                 self._update_masks(group)
         return loss
 
     def sparsity(self):
         """Fraction of prunable weights pruned: (overall, {parameter: fraction}); this rank's shards."""
         counts = {p: (self._pruned_count(p), local(p).numel())
-                  for group in self.param_groups for p in group["params"] if self._prunable(p, group)}
+                  for group in self.param_groups for p in group["params"] if prunable(p, group)}
         numel = sum(n for _, n in counts.values())
         overall = sum(pruned for pruned, _ in counts.values()) / numel if numel else 0.0
         return overall, {p: pruned / n if n else 0.0 for p, (pruned, n) in counts.items()}
@@ -322,41 +410,63 @@ class AdamWPrune(torch.optim.Optimizer):
         flat_view(mask)[state["kept_index"]] = True
         return mask
 
+    # --- the state dict ---
+
     def load_state_dict(self, state_dict):
+        # state that does not fit its parameter is refused before any loads (torch's fused kernel
+        # checks no shapes: it would step on it, or crash); an older AdamWPrune's compact moments
+        # are renamed
+        state_dict = {**state_dict, "state": dict(state_dict["state"])}
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [(p, group, f"param group {g}, parameter {i}") for g, group in enumerate(self.param_groups)
+                  for i, p in enumerate(group["params"])]
+        for pid, (p, _, where) in zip(saved_ids, params):
+            state = state_dict["state"].get(pid)
+            if state and "kept_index" in state and "exp_avg" in state:
+                state = state_dict["state"][pid] = {("kept_" if "exp_avg" in key else "") + key: value
+                                                    for key, value in state.items()}
+            if state and len(saved_ids) == len(params):  # else torch's loader names the mismatch
+                _check_state(state, p, where)
         # torch's loader casts every state tensor of a float parameter to its dtype (see
         # Optimizer._process_value_according_to_param_policy): indices must stay int32
         indices = {pid: s["kept_index"] for pid, s in state_dict["state"].items() if "kept_index" in s}
         super().load_state_dict(state_dict)
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        params = [(p, group) for group in self.param_groups for p in group["params"]]
-        for pid, (p, group) in zip(saved_ids, params):
+        for pid, (p, group, _) in zip(saved_ids, params):
             state = self.state.get(p)
-            if not state:
-                continue
-            if pid in indices:
-                state["kept_index"] = indices[pid].to(p.device)
-            # steps as tensors, on the parameter's device for the fused kernel (AdamW keeps them
-            # on the CPU otherwise, an older AdamWPrune as ints)
-            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(
-                p.device if group["fused"] else "cpu")
-            if "pruned_index" in state:  # an older AdamWPrune's dense mask: v = +inf now
-                pruned = state.pop("pruned_index").to(p.device).long()
-                flat_view(state["exp_avg_sq"]).index_fill_(0, pruned, math.inf)
-            saved_on, loaded_on = tuple(state.get("shard", ())), _shard_of(p)
-            if saved_on != loaded_on:
-                where = lambda shard: f"rank {shard[0]} of {shard[1]}" if shard else "an unsharded parameter"
-                raise RuntimeError(
-                    f"AdamWPrune: optimizer state saved on {where(saved_on)} is loaded on {where(loaded_on)}: "
-                    "under FSDP2 each rank saves and loads its own optimizer.state_dict() (torch.save, one "
-                    "file per rank), at the same world size. torch.distributed.checkpoint keeps only one "
-                    "rank's copy of AdamWPrune's per-rank state, so it cannot be used")
+            if state and pid in indices:
+                state["kept_index"] = indices[pid].to(device=local(p).device, dtype=torch.int32)
+            if state:  # steps as tensors, on the parameter's device for the fused kernel (AdamW keeps
+                # them on the CPU otherwise, an older AdamWPrune as ints)
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(
+                    local(p).device if group["fused"] else "cpu")
+
+    def adamw_state_dict(self, keep_pruned=True):
+        """This state_dict in torch.optim.AdamW's dense form, to go back to AdamW (unsharded
+        parameters). keep_pruned: pruned weights keep v = +inf, so AdamW steps as this optimizer
+        does once pruning has ended and they stay zero; False: their m and v are 0, and regrow."""
+        saved, params = self.state_dict(), [p for group in self.param_groups for p in group["params"]]
+        for pid, state in saved["state"].items():
+            if "shard" in state:
+                raise ValueError("adamw_state_dict: the parameters are FSDP2 shards, whose AdamW state is "
+                                 "DTensors: gather the model into one process first")
+            state = saved["state"][pid] = dict(state)
+            index, _ = state.pop("kept_index", None), state.pop("shape", None)
+            pruned = None if index is not None else state["exp_avg_sq"] == math.inf
+            for key in [key for key in state if "exp_avg" in key]:
+                if index is not None:  # zeros, or +inf for v, where pruned; the kept values at kept_index
+                    value = torch.full_like(params[pid], math.inf if keep_pruned and "sq" in key else 0.0)
+                    flat_view(value).index_copy_(0, index.long(), state.pop(key))
+                    state[key[len("kept_"):]] = value
+                elif not keep_pruned:
+                    state[key] = state[key].masked_fill(pruned, 0.0)
+        return saved
 
     # --- the AdamW step ---
 
     def _adamw_step(self, group):
-        dense = ([], [], [], [], [], [])  # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
-        compact = ([], [], [], [], [], [])  # the same for kept weights, with changes in place of params
-        compacted = []  # (param, grad, kept_index)
+        lists = lambda: dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], max_exp_avg_sqs=[], state_steps=[])
+        dense, compact = lists(), lists()  # compact: AdamW on the kept weights alone
+        compacted = []  # (param, grad, kept_index) of the compact tensors
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -369,25 +479,33 @@ class AdamWPrune(torch.optim.Optimizer):
             param, grad = local(p), local(p.grad)
             if grad.stride() != param.stride():  # the fused kernel and flat views need one layout
                 grad = torch.empty_like(param).copy_(grad)
-            lists = compact if "kept_index" in state else dense
             if "kept_index" in state:
                 compacted.append((param, grad, state["kept_index"]))
+                into, prefix = compact, "kept_"
             else:
-                lists[0].append(param)
-                lists[1].append(grad)
-            for i, key in enumerate(("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"), start=2):
-                if key != "max_exp_avg_sq" or group["amsgrad"]:
-                    lists[i].append(state[key])
+                dense["params"].append(param)
+                dense["grads"].append(grad)
+                into, prefix = dense, ""
+            into["exp_avgs"].append(state[prefix + "exp_avg"])
+            into["exp_avg_sqs"].append(state[prefix + "exp_avg_sq"])
+            if group["amsgrad"]:
+                into["max_exp_avg_sqs"].append(state[prefix + "max_exp_avg_sq"])
+            into["state_steps"].append(state["step"])
         beta1, beta2 = group["betas"]
         options = dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], eps=group["eps"],
                        maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
-        if dense[0]:
-            adamw(*dense, weight_decay=group["weight_decay"], **options)
-        if not compacted:
-            return
-        # Compacted tensors: gathered kept gradients, and changes from zero, live in one block per
-        # device and dtype (one allocation a step: on the CPU, fresh pages for many large ones
-        # cost more than the gathers). Decay scales the whole tensor; the change goes in at kept_index.
+        if dense["params"]:
+            adamw(**dense, weight_decay=group["weight_decay"], **options)
+        if compacted:
+            self._compact_step(compacted, compact, group, options)
+
+    @staticmethod
+    def _compact_step(compacted, lists, group, options):
+        """AdamW with weight_decay=0 on a zeroed change tensor per compact tensor, from its gathered
+        kept gradients: the change ends up holding the step, which index_add_ adds at kept_index
+        after the whole tensor is decayed (its pruned weights are zero)."""
+        # the changes and gathered gradients live in one block per device and dtype (one allocation
+        # a step: on the CPU, fresh pages for many large ones cost more than the gathers)
         sizes = {}
         for param, _, kept_index in compacted:
             sizes.setdefault((param.device, param.dtype), []).append(kept_index.numel())
@@ -399,11 +517,11 @@ class AdamWPrune(torch.optim.Optimizer):
         for param, grad, kept_index in compacted:
             change, kept_grad = next(blocks[param.device, param.dtype])
             torch.index_select(flat_view(grad), 0, kept_index, out=kept_grad)
-            compact[0].append(change)
-            compact[1].append(kept_grad)
+            lists["params"].append(change)
+            lists["grads"].append(kept_grad)
             param.mul_(1 - group["lr"] * group["weight_decay"])
-        adamw(*compact, weight_decay=0.0, **options)
-        for (param, _, kept_index), change in zip(compacted, compact[0]):
+        adamw(**lists, weight_decay=0.0, **options)
+        for (param, _, kept_index), change in zip(compacted, lists["params"]):
             flat_view(param).index_add_(0, kept_index, change)
 
     def _init_state(self, p, group):
@@ -421,11 +539,6 @@ class AdamWPrune(torch.optim.Optimizer):
 
     # --- pruning ---
 
-    def _prunable(self, p, group):
-        if not p.requires_grad:  # frozen: not trained, so not ranked against trained weights
-            return False
-        return group["prune"] if group["prune"] is not None else p.dim() >= 2
-
     def _pruned_count(self, p):
         state = self.state.get(p, {})
         if "kept_index" in state:
@@ -434,12 +547,12 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def _score(self, p, group, scratch, has_pruned):
         """Importance of p's scored positions (float32, flat), all or the kept ones, in `scratch`."""
-        state = self.state[p]
-        weight, exp_avg, exp_avg_sq = flat_view(local(p)), state["exp_avg"], state["exp_avg_sq"]
+        state, weight = self.state[p], flat_view(local(p))
         if "kept_index" in state:
             weight = weight.index_select(0, state["kept_index"])
+            exp_avg, exp_avg_sq = state["kept_exp_avg"], state["kept_exp_avg_sq"]
         else:
-            exp_avg, exp_avg_sq = flat_view(exp_avg), flat_view(exp_avg_sq)
+            exp_avg, exp_avg_sq = flat_view(state["exp_avg"]), flat_view(state["exp_avg_sq"])
         score = importance_score(group["importance"], weight, exp_avg, exp_avg_sq, group["eps"],
                                  out=scratch[:weight.numel()])
         if has_pruned and "kept_index" not in state:  # a dense tensor's pruned weights: v = +inf
@@ -447,48 +560,38 @@ class AdamWPrune(torch.optim.Optimizer):
         return score
 
     def _update_masks(self, group):
-        params = [p for p in group["params"] if self._prunable(p, group)]
+        params = [p for p in group["params"] if prunable(p, group)]
         if not params:
             return
         for p in params:
             if not self.state[p]:
                 self._init_state(p, group)
-        target = scheduled_sparsity(group["optimizer_step"], group["sparsity"], group["schedule"],
-                                    group["prune_start"], group["prune_end"])
-        k = target_count(target, sum(p.numel() for p in params))  # p.numel(): the whole tensor
         pruned = {p: self._pruned_count(p) for p in params}  # a compacted tensor's pruned weights have no score
         unscored = sum(pruned[p] for p in params if "kept_index" in self.state[p])
-        device = local(params[0]).device
-        scratch = torch.empty(max(local(p).numel() for p in params), dtype=torch.float32, device=device)
-        score_fns = [lambda p=p: self._score(p, group, scratch, pruned[p] > 0) for p in params]
-        found = lowest_k(score_fns, k, device, unscored, _process_group(params))
-        for i, prune in found[1] if found else []:
-            self._apply_prune(params[i], group, prune)
-        if self.check_replicas is not None:
-            check_replicas_agree(self.check_replicas, found[0] if found else math.nan, group["optimizer_step"])
+        scratch = torch.empty(max(local(p).numel() for p in params), dtype=torch.float32,
+                              device=local(params[0]).device)
+        prune_lowest(params, group, lambda p: self._score(p, group, scratch, pruned[p] > 0),
+                     lambda p, prune: self._apply_prune(p, group, prune), unscored, self.check_replicas)
 
     def _apply_prune(self, p, group, prune):
         """Zero the weights where `prune` (over p's scored positions) and shrink p's state."""
         state, flat = self.state[p], flat_view(local(p))
         moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         compact = "kept_index" in state
-        if not compact:  # compact when smaller: an int32 index and the moments per kept weight
-            kept = flat.numel() - int(prune.count_nonzero())
-            moment_bytes = len(moments) * flat.element_size()
-            if kept * (4 + moment_bytes) >= flat.numel() * moment_bytes:
-                flat.masked_fill_(prune, 0)
-                for key in moments[1:]:  # v = +inf: the step of a pruned weight is zero from now on
-                    flat_view(state[key]).masked_fill_(prune, math.inf)
-                return
-            for key in moments:
-                state[key] = flat_view(state[key])
+        kept = flat.numel() - int(prune.count_nonzero())
+        if not compact and not compact_is_smaller(kept, flat.numel(), len(moments), flat.element_size()):
+            flat.masked_fill_(prune, 0)
+            for key in moments[1:]:  # v = +inf: the step of a pruned weight is zero from now on
+                flat_view(state[key]).masked_fill_(prune, math.inf)
+            return
         kept_at = (~prune).nonzero().flatten()  # among the scored positions
-        kept_index = state["kept_index"].index_select(0, kept_at) if compact else kept_at.to(torch.int32)
+        state["kept_index"] = state["kept_index"].index_select(0, kept_at) if compact else kept_at.to(torch.int32)
+        state["shape"] = tuple(local(p).shape)  # what kept_index indexes, checked on load
         for key in moments:
-            state[key] = state[key].index_select(0, kept_at)
-        state["kept_index"] = kept_index
-        kept_weights = flat.index_select(0, kept_index)
-        flat.zero_().index_add_(0, kept_index, kept_weights)  # (faster than a masked fill)
+            moment = state.pop("kept_" + key) if compact else flat_view(state.pop(key))
+            state["kept_" + key] = moment.index_select(0, kept_at)
+        kept_weights = flat.index_select(0, state["kept_index"])
+        flat.zero_().index_add_(0, state["kept_index"], kept_weights)  # (faster than a masked fill)
 
 
 # --- several processes: FSDP2 shards, DDP replicas ---

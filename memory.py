@@ -27,12 +27,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from adamwprune import local, prunable
+
 # --- accounting of persistent state ---
 
 
 def storage_of(tensor):
     """The storage behind a tensor; for a sharded DTensor (FSDP2), behind this rank's shard."""
-    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
+    return local(tensor).untyped_storage()
 
 
 def tensor_bytes(tensors, seen=None):
@@ -236,10 +238,11 @@ def process_peak_rss_bytes():
 
 # --- the benchmark: state bytes, peak step memory and update time of every pairing ---
 
-PAIRINGS = [  # (optimizer, pruning): the rows of the comparison
-    ("adamw", "none"), ("sgd", "movement"), ("adam", "movement"), ("adamw", "movement"),
-    ("adamwadv", "movement"), ("adamwspam", "movement"), ("adamw", "magnitude"), ("adamwprune", "state"),
-]
+def pairings():
+    """(optimizer, pruning) of each row of the comparison: train.py's STUDY, dense AdamW first."""
+    import train
+    rows = [(optimizer, pruning) for _, optimizer, pruning, _ in train.STUDY]
+    return sorted(rows, key=lambda row: row != ("adamw", "none"))
 BATCH_SIZE = {"lenet5": 128, "resnet18": 32}  # small enough for a CPU, the same for every row
 
 
@@ -264,7 +267,7 @@ class Rig:
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(BATCH_SIZE[model_name], channels, side, side, generator=g).to(device)
         self.y = torch.randint(0, 10, (BATCH_SIZE[model_name],), generator=g).to(device)
-        self.prunable = [p for p in self.model.parameters() if p.dim() >= 2]
+        self.prunable = [p for p in self.model.parameters() if prunable(p, {})]  # AdamWPrune's rule
 
     def backward(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -334,7 +337,7 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
     """Rows for a model: each pairing before pruning and at `sparsity`, timed in one interleaved
     run against torch's AdamW stepping the same gradients, fused (the fastest) and foreach; and
     what one mask update adds to a step, in fused AdamW steps."""
-    rows, phases = [], [(optimizer, pruning, phase, target) for optimizer, pruning in PAIRINGS
+    rows, phases = [], [(optimizer, pruning, phase, target) for optimizer, pruning in pairings()
                         for phase, target in (("before", 0.0), ("pruned", sparsity))
                         if pruning != "none" or phase == "before"]
     for optimizer, pruning, phase, target in phases:  # 1) memory, each rig alone on the device
@@ -448,7 +451,7 @@ def pruned_model_report(model_name, repeats, sparsity=0.7):
 
 def measure_data_path(flags, steps=100, repeats=3):
     """Seconds per step of train.py's training loop against the bare forward/backward/update loop
-    over batches already in memory as float tensors (the design asks for a ratio of at most 1.1),
+    over batches already in memory as float tensors (the aim is a ratio of at most 1.1),
     for the run that train.py's `flags` describe: {"train_step_seconds", "bare_step_seconds",
     "ratio"}, the fastest of `repeats` alternations of `steps` steps each."""
     import train

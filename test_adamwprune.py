@@ -30,7 +30,8 @@ import memory
 import plot
 import train
 from adamwprune import (AdamWPrune, compact_state_dict, dense_state_dict, importance_score, local, lowest_k,
-                        scheduled_sparsity)
+                        mask_update_due, scheduled_sparsity)
+from adamwprune import prunable as prunable_rule
 from models import LeNet5, ResNet18
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +69,7 @@ def zeros_fraction(params):
 
 
 def cubic(t, s, start, end):
-    """The schedule of DESIGN.md, written out again independently of adamwprune.py."""
+    """The cubic schedule of Zhu & Gupta (2017), written out again independently of adamwprune.py."""
     if t < start:
         return 0.0
     if t >= end:
@@ -322,6 +323,19 @@ def test_a_weight_that_never_had_a_gradient_ranks_lowest_under_the_state_scores(
     assert opt.sparsity()[1][model[4].weight] == 1.0
 
 
+def test_prunable_means_trained_and_2d_unless_the_group_says_so():
+    matrix, vector, frozen = torch.zeros(3, 4, requires_grad=True), torch.zeros(4, requires_grad=True), torch.zeros(3, 4)
+    assert [prunable_rule(p, {"prune": None}) for p in (matrix, vector, frozen)] == [True, False, False]
+    assert [prunable_rule(p, {"prune": True}) for p in (matrix, vector, frozen)] == [True, True, False]
+    assert [prunable_rule(p, {"prune": False}) for p in (matrix, vector, frozen)] == [False, False, False]
+
+
+def test_mask_updates_are_due_on_the_grid_from_prune_start_and_at_prune_end():
+    group = {"sparsity": 0.5, "prune_start": 10, "prune_end": 25, "prune_every": 4}
+    assert [c for c in range(40) if mask_update_due(c, group)] == [10, 14, 18, 22, 25]
+    assert not any(mask_update_due(c, {**group, "sparsity": 0.0}) for c in range(40))
+
+
 # --- 4. pruned stays pruned ---
 
 
@@ -430,7 +444,7 @@ def test_lowest_k_marks_what_a_stable_sort_marks(kind, device):
             assert torch.equal(g, e), (trial, scores, k)
 
 
-def test_lowest_k_reads_each_tensor_three_times_holding_one_tensors_scores_at_a_time():
+def test_lowest_k_in_one_process_reads_each_tensor_three_times_holding_one_tensors_scores_at_a_time():
     # Eight tensors of 200,000 weights: a concatenation of all scores would be 6.4 MB.
     n, k = 200_000, 700_000
     torch.manual_seed(0)
@@ -554,6 +568,109 @@ def test_resume_from_state_dict_is_bit_identical(save_at):
         assert torch.equal(a.detach(), b)
 
 
+def pruned_layer(shape, sparsity):
+    """A Linear layer of weight `shape` pruned by AdamWPrune to `sparsity` at its first step (compact past 1/3)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0], bias=False)
+    opt = AdamWPrune(layer.parameters(), sparsity=sparsity, prune_start=1, prune_end=1)
+    random_grads(layer.parameters(), 0)
+    opt.step()
+    return layer, opt
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("saved, loaded, sparsity, complaint", [
+    ((3, 7), (300, 300), 0.0, r"exp_avg has shape \(3, 7\) where \(300, 300\) fits"),  # was: a segfault
+    ((10, 10), (3, 7), 0.0, r"exp_avg has shape \(10, 10\) where \(3, 7\) fits"),  # was: a silent step
+    ((10, 10), (4, 25), 0.5, r"its compact state is of a tensor of shape \(10, 10\), this one is \(4, 25\)"),
+    ((10, 10), (3, 7), 0.5, r"kept_index .* is no list of positions of 21"),
+], ids=["dense-into-larger", "dense-into-smaller", "compact-same-numel", "compact-into-smaller"])
+def test_state_that_does_not_fit_its_parameter_is_refused_naming_it(fused, saved, loaded, sparsity, complaint):
+    state = pruned_layer(saved, sparsity)[1].state_dict()
+    if "kept_index" in complaint:
+        del state["state"][0]["shape"]  # as an older AdamWPrune saved it
+    target = nn.Linear(loaded[1], loaded[0], bias=False)
+    before = target.weight.detach().clone()
+    opt = AdamWPrune(target.parameters(), prune_start=100, prune_end=200, fused=fused)
+    with pytest.raises(ValueError, match=r"param group 0, parameter 0: " + complaint):
+        opt.load_state_dict(state)
+    assert opt.state_dict()["state"] == {}  # nothing was loaded
+    target(torch.randn(4, loaded[1])).sum().backward()
+    opt.step()  # it still trains, from fresh state
+    assert not torch.equal(target.weight, before)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_compact_state_gives_adamw_no_moment_to_misuse_and_adamw_state_dict_brings_it_back(fused):
+    layer, opt = pruned_layer((10, 10), 0.7)
+    state = opt.state_dict()
+    assert "exp_avg" not in state["state"][0] and "kept_exp_avg" in state["state"][0]
+    adamw = torch.optim.AdamW(layer.parameters(), fused=fused)
+    adamw.load_state_dict(state)
+    random_grads(layer.parameters(), 1)
+    with pytest.raises(KeyError, match="exp_avg"):  # was: a corrupted heap
+        adamw.step()
+
+
+def test_adamw_state_dict_steps_in_adamw_as_adamwprune_steps_once_pruning_ended():
+    ours, ref = small_net(), small_net()
+    groups = lambda model: [{"params": [model[0].weight], "sparsity": 0.25}, {"params": list(model.parameters())[1:]}]
+    options = dict(lr=1e-2, sparsity=0.7, prune_start=2, prune_end=6, prune_every=2)
+    opt, ref_opt = AdamWPrune(groups(ours), **options), AdamWPrune(groups(ref), **options)
+    max_difference_after(8, ours, opt, ref, ref_opt)
+    assert any("kept_index" in s for s in opt.state.values()) and any(
+        "exp_avg_sq" in s and (s["exp_avg_sq"] == math.inf).any() for s in opt.state.values())  # both forms
+    adamw = torch.optim.AdamW(groups(ours), lr=1e-2, fused=True)
+    adamw.load_state_dict(opt.adamw_state_dict())
+    assert max_difference_after(10, ours, adamw, ref, ref_opt) <= 1e-6
+    assert [zeros_fraction([p]) for p in prunable(ours)] == [zeros_fraction([p]) for p in prunable(ref)]
+    assert zeros_fraction(prunable(ours)[:1]) == pytest.approx(0.25, abs=0.01)  # dense, v = +inf
+
+
+def test_adamw_state_dict_without_the_pruned_gives_them_zero_moments_and_adamw_trains_them():
+    layer, opt = pruned_layer((10, 10), 0.7)
+    kept = opt.kept_mask(layer.weight)
+    dense = opt.adamw_state_dict(keep_pruned=False)["state"][0]
+    assert torch.equal(dense["exp_avg"][~kept], torch.zeros(70)) and torch.equal(dense["exp_avg_sq"][~kept],
+                                                                                   torch.zeros(70))
+    assert torch.equal(dense["exp_avg"][kept], opt.state[layer.weight]["kept_exp_avg"])
+    adamw = torch.optim.AdamW(layer.parameters())  # takes lr 1e-3 and the rest from the state_dict
+    adamw.load_state_dict(opt.adamw_state_dict(keep_pruned=False))
+    random_grads(layer.parameters(), 1)
+    g = layer.weight.grad[~kept].clone()
+    adamw.step()
+    # from m = v = 0 at AdamW's step n = 2: m = 0.1 g, v = 0.001 g^2, bias-corrected by 1 - beta^2
+    m_hat, v_hat = 0.1 * g / (1 - 0.9 ** 2), 0.001 * g * g / (1 - 0.999 ** 2)
+    assert torch.allclose(layer.weight.detach()[~kept], -1e-3 * m_hat / (v_hat.sqrt() + 1e-8), atol=1e-7)
+
+
+def test_an_older_adamwprune_compact_state_with_exp_avg_keys_loads_and_resumes():
+    model, opt = make_pruning_run()
+    for t in range(20):
+        random_grads(model.parameters(), t)
+        opt.step()
+    expected_model, expected = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
+    saved = opt.state_dict()
+    for state in saved["state"].values():  # as written before the compact moments had keys of their own
+        for key in [key for key in state if key.startswith("kept_exp")]:
+            state[key[len("kept_"):]] = state.pop(key)
+        state.pop("shape", None)
+    loaded = AdamWPrune(model.parameters(), lr=1e-2, sparsity=0.8, prune_start=4, prune_end=22, prune_every=3)
+    loaded.load_state_dict(saved)
+    for t in range(20, 25):
+        random_grads(model.parameters(), t)
+        random_grads(expected_model.parameters(), t)
+        loaded.step()
+    reference = AdamWPrune(expected_model.parameters(), lr=1e-2, sparsity=0.8, prune_start=4, prune_end=22,
+                           prune_every=3)
+    reference.load_state_dict(expected)
+    for t in range(20, 25):
+        random_grads(expected_model.parameters(), t)
+        reference.step()
+    for a, b in zip(model.parameters(), expected_model.parameters()):
+        assert torch.equal(a, b)
+
+
 # --- 9. devices, dtypes, layouts ---
 
 
@@ -576,7 +693,7 @@ def test_prunes_and_trains_on_each_device_and_dtype(device, dtype):
     numel = sum(p.numel() for p in params)
     assert zeros_fraction(params) == round(0.7 * numel) / numel
     assert losses[-1] < 0.5 * losses[0]
-    assert all(s["exp_avg"].dtype == dtype for s in opt.state.values())
+    assert all(moment.dtype == dtype for s in opt.state.values() for key, moment in s.items() if "exp_avg" in key)
     assert opt.param_groups[0]["fused"]  # torch's fused kernel, picked by default
 
 
@@ -633,6 +750,15 @@ def test_sparse_gradients_raise_a_clear_error():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+@pytest.mark.parametrize("make, complaint", [
+    (lambda: nn.Linear(4, 3, dtype=torch.complex64), "parameter 0 of param group 0 is complex"),
+    (lambda: nn.Linear(4, 3, device="meta"), "parameter 0 of param group 0 is on the meta device"),
+], ids=["complex", "meta"])
+def test_parameters_it_cannot_step_or_score_are_refused_at_construction(make, complaint):
+    with pytest.raises(ValueError, match=complaint):  # was: errors inside the fused kernel or the mask update
+        AdamWPrune(make().parameters())
 
 
 # --- 11. the pruned model, smaller on disk ---
