@@ -1,10 +1,17 @@
 """
-The two networks of the comparison, built bottom-up from small modules. Torch only.
+The two networks of the comparison, and a GPT, built bottom-up from small modules. Torch only.
 
-    LeNet5(1, 10, image_size=28)   61,706 parameters   (MNIST, Fashion-MNIST)
-    LeNet5(3, 10, image_size=32)   83,126 parameters   (CIFAR-10)
-    ResNet18(3, 10)            11,173,962 parameters   (CIFAR-10; any image size, global pooling)
+    LeNet5(1, 10, image_size=28)       61,706 parameters   (MNIST, Fashion-MNIST)
+    LeNet5(3, 10, image_size=32)       83,126 parameters   (CIFAR-10)
+    ResNet18(3, 10)                11,173,962 parameters   (CIFAR-10; any image size, global pooling)
+    GPT(**GPT_SHAPES["gpt-tiny"])     809,856 parameters   (characters: 65 tokens, 64 of context)
+    GPT(**GPT_SHAPES["gpt2"])     124,475,904 parameters   (GPT-2 small; vocabulary padded to 50,304)
+
+A GPT's count is its unique parameters: the output layer shares the token embedding's weight.
 """
+import math
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -81,6 +88,107 @@ class ResNet18(nn.Module):
         x = self.stages(x)  # (B, 512, 4, 4)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 512)
         return self.fc(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position sees itself and the positions before it."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head  # n_embd % n_head == 0, checked by GPT
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # queries, keys and values of every head in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd)  # the heads mixed back into the residual stream
+
+    def forward(self, x):  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # (B, T, C) -> (B, n_head, T, C / n_head): the heads attend independently
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, C / n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again: (B, T, C)
+        return self.c_proj(y)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen to 4C, GELU, back to C."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):  # (B, T, C)
+        return self.c_proj(F.gelu(self.c_fc(x)))  # (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """A transformer block, pre-LayerNorm: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd)
+
+    def forward(self, x):  # (B, T, C)
+        x = x + self.attn(self.ln_1(x))  # positions exchange information
+        x = x + self.mlp(self.ln_2(x))  # each position computes on its own
+        return x  # (B, T, C)
+
+
+GPT_SHAPES = {
+    "gpt-tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+}
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer as GPT-2 (Radford et al., 2019), in the manner of nanoGPT.
+
+    token + learned position embedding -> n_layer Blocks -> LayerNorm -> lm_head (weight tied to
+    the token embedding) -> logits over the vocabulary at every position. No dropout.
+    Unique parameters, C = n_embd, V = vocab_size, T = block_size:
+    n_layer * (12 C^2 + 13 C) + V C + T C + 2 C, that is 809,856 for GPT_SHAPES["gpt-tiny"]
+    and 124,475,904 for GPT_SHAPES["gpt2"].
+    """
+
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}): "
+                             f"each head gets n_embd // n_head channels")
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)  # token id -> vector
+        self.wpe = nn.Embedding(block_size, n_embd)  # position 0 .. block_size-1 -> vector
+        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one (V, C) tensor reads tokens in and writes them out
+        # GPT-2's initialisation: N(0, 0.02) weights and zero biases (LayerNorms keep ones and zeros), and
+        # the projections that write into the residual stream scaled down by sqrt(2 n_layer), as each of
+        # the 2 n_layer of them adds to it
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    def forward(self, idx):  # (B, T) int64 token ids
+        B, T = idx.shape
+        if T > self.block_size:
+            raise ValueError(f"a sequence of {T} tokens is longer than the block size {self.block_size} "
+                             f"(the context length): pass at most the last {self.block_size} tokens, "
+                             f"idx[:, -{self.block_size}:], or build the GPT with block_size >= {T}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        x = self.ln_f(x)
+        return self.lm_head(x)  # (B, T, vocab_size)
 
 
 def build_model(name, in_channels, num_classes, image_size):

@@ -32,7 +32,7 @@ import train
 from adamwprune import (AdamWPrune, compact_state_dict, dense_state_dict, importance_score, local, lowest_k,
                         mask_update_due, scheduled_sparsity)
 from adamwprune import prunable as prunable_rule
-from models import LeNet5, ResNet18
+from models import GPT, GPT_SHAPES, LeNet5, ResNet18
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -2430,3 +2430,94 @@ def test_the_gpu_script_stops_at_its_first_error_and_names_the_step(tmp_path):
     log = (tmp_path / "out" / "log.txt").read_text()
     assert done.returncode != 0 and "FAILED in step: the machine" in log and "=== 1/4" not in log
     assert run_gpu_script("--epochs", "0", str(tmp_path / "out")).returncode == 2
+
+
+# --- models.py: the GPT ---
+
+def unique_parameters(model):
+    """Each tensor once, by identity, whatever parameters() does with shared ones."""
+    every = [p for _, p in model.named_parameters(remove_duplicate=False)]  # wte.weight twice
+    return sum(p.numel() for p in {id(p): p for p in every}.values())
+
+
+def gpt_by_hand(vocab_size, block_size, n_layer, n_head, n_embd):
+    """Parameters counted layer by layer, the token embedding once (lm_head shares it, without a bias)."""
+    C = n_embd
+    attention = (C * 3 * C + 3 * C) + (C * C + C)  # c_attn, c_proj
+    mlp = (C * 4 * C + 4 * C) + (4 * C * C + C)  # c_fc, c_proj
+    block = 2 * C + attention + 2 * C + mlp  # ln_1, attn, ln_2, mlp
+    return vocab_size * C + block_size * C + n_layer * block + 2 * C  # wte, wpe, blocks, ln_f
+
+
+def test_gpt_parameter_counts_are_those_counted_by_hand_and_in_the_docstring():
+    tiny = GPT(**GPT_SHAPES["gpt-tiny"])
+    with torch.device("meta"):  # no memory for GPT-2's 124M parameters
+        gpt2 = GPT(**GPT_SHAPES["gpt2"])
+    assert unique_parameters(tiny) == gpt_by_hand(**GPT_SHAPES["gpt-tiny"]) == 809_856
+    assert unique_parameters(gpt2) == gpt_by_hand(**GPT_SHAPES["gpt2"]) == 124_475_904
+    assert count_parameters(gpt2) == 124_475_904  # model.parameters() counts the tied tensor once too
+    assert "809,856" in GPT.__doc__ and "124,475,904" in GPT.__doc__
+    import models
+    assert "809,856" in models.__doc__ and "124,475,904" in models.__doc__
+
+
+def test_gpt_lm_head_is_the_token_embedding_and_stays_one_tensor_through_a_step():
+    torch.manual_seed(0)
+    model = GPT(**GPT_SHAPES["gpt-tiny"])
+    assert model.lm_head.weight is model.wte.weight and model.lm_head.bias is None
+    before = model.wte.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 65, (2, 16))
+    F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    optimizer.step()
+    assert model.lm_head.weight is model.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+    assert not torch.equal(model.wte.weight, before)  # it moved, and lm_head with it
+
+
+def test_gpt_changing_token_t_changes_no_logits_before_t():
+    torch.manual_seed(0)
+    model = GPT(**GPT_SHAPES["gpt-tiny"]).eval()
+    idx = torch.randint(0, 65, (2, 40))
+    t = 23
+    changed = idx.clone()
+    changed[:, t] = (idx[:, t] + 1) % 65
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    assert torch.equal(before[:, :t], after[:, :t])  # the past cannot see the future
+    assert (before[:, t:] - after[:, t:]).abs().amax(-1).min() > 0  # token t and those after it do see it
+
+
+def test_gpt_a_sequence_longer_than_the_block_size_raises_naming_it():
+    model = GPT(**GPT_SHAPES["gpt-tiny"])
+    assert model(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 65)
+    with pytest.raises(ValueError, match=r"65 tokens.*block size 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPT(vocab_size=65, block_size=8, n_layer=1, n_head=3, n_embd=16)
+
+
+def test_gpt_learns_a_repeating_sequence_with_adamw():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    data = torch.arange(7).repeat(10)  # 0 1 2 3 4 5 6 0 1 ... : each token decides the next
+    x, y = data[:32].unsqueeze(0), data[1:33].unsqueeze(0)  # (1, 32) inputs, targets one ahead
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(65)) < 0.2
+    assert losses[-1] < losses[0] / 2
+
+
+def test_gpt_tiny_starts_at_the_loss_of_a_uniform_guess_on_random_tokens():
+    torch.manual_seed(0)
+    model = GPT(**GPT_SHAPES["gpt-tiny"])
+    idx = torch.randint(0, 65, (8, 64))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    assert abs(loss.item() - math.log(65)) < 0.1  # ln 65 = 4.17: GPT-2's init makes the logits near zero
