@@ -239,10 +239,11 @@ def process_peak_rss_bytes():
 # --- the benchmark: state bytes, peak step memory and update time of every pairing ---
 
 def pairings():
-    """(optimizer, pruning) of each row of the comparison: train.py's STUDY, dense AdamW first."""
+    """(optimizer, pruning) of each row of the comparison: train.py's STUDY, dense AdamW first and
+    AdamWPrune last."""
     import train
     rows = [(optimizer, pruning) for _, optimizer, pruning, _ in train.STUDY]
-    return sorted(rows, key=lambda row: row != ("adamw", "none"))
+    return sorted(rows, key=lambda row: (row != ("adamw", "none"), row[0] == "adamwprune"))
 BATCH_SIZE = {"lenet5": 128, "resnet18": 32}  # small enough for a CPU, the same for every row
 
 

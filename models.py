@@ -29,7 +29,7 @@ class LeNet5(nn.Module):
         self.conv2 = nn.Conv2d(6, 16, 5)
         side = (image_size // 2 - 4) // 2  # 28 -> 28 -> 14 -> 10 -> 5
         if side < 1:
-            raise ValueError(f"LeNet5 needs images of at least 10x10 pixels, got {image_size}")
+            raise ValueError(f"LeNet5 needs images of at least 12x12 pixels, got {image_size}")
         self.fc1 = nn.Linear(16 * side * side, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
