@@ -482,7 +482,7 @@ def measure_data_path(flags, steps=100, repeats=3):
     bare, full = [], []
     for _ in range(repeats):
         bare.append(seconds(bare_pass))
-        full.append(seconds(lambda: train.train(state, train_data, 1, show_progress=False)))
+        full.append(seconds(lambda: train.train_epoch(state, train_data, 1, show_progress=False)))
     return {"train_step_seconds": min(full) / steps, "bare_step_seconds": min(bare) / steps,
             "ratio": min(full) / min(bare)}
 

@@ -16,6 +16,7 @@ comparison.json and .csv are written here as well as read (write_comparison, cal
 --compare), so their format lives in one file; write_atomic writes every result file of the project.
 """
 import argparse
+import contextlib
 import csv
 import html
 import json
@@ -63,19 +64,37 @@ class PlotInputError(Exception):
 def write_atomic(path, write, binary=False):
     """Call write(file) on a temporary file beside `path`, then rename it over `path`: a crash
     leaves the old file or the new one, never half of one. The temporary file is named after `path`
-    (results.json.x1y2z3.tmp); readers never open it, and those a crash left are removed by the next write."""
+    (results.json.x1y2z3.tmp); readers never open it, and those a crash left are removed by the next write.
+    A write that fails (a full disk, a folder that cannot be written) removes its temporary file and
+    raises WriteError, naming the file and the operating system's reason."""
     directory, name = os.path.split(path)
-    directory = directory or "."
-    with tempfile.NamedTemporaryFile("wb" if binary else "w", encoding=None if binary else "utf-8",
-                                     dir=directory, prefix=name + ".", suffix=".tmp", delete=False) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # tempfile makes files private; results are for reading
-    os.replace(f.name, path)
+    directory, temporary = directory or ".", None
+    try:
+        with tempfile.NamedTemporaryFile("wb" if binary else "w", encoding=None if binary else "utf-8",
+                                         dir=directory, prefix=name + ".", suffix=".tmp", delete=False) as f:
+            temporary = f.name
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(f.name, 0o644)  # tempfile makes files private; results are for reading
+        os.replace(f.name, path)
+    except BaseException as error:
+        reason = error  # torch.save reports a failed write as a RuntimeError, the OSError underneath
+        while reason is not None and not isinstance(reason, OSError):
+            reason = reason.__cause__ or reason.__context__
+        if temporary and (reason is not None or isinstance(error, KeyboardInterrupt)):  # a failed or stopped
+            with contextlib.suppress(OSError):  # write leaves nothing behind (a crash: the next write cleans up)
+                os.remove(temporary)
+        if reason is None:
+            raise
+        raise WriteError(f"cannot write {path}: {(reason.strerror or str(reason)).lower()}") from error
     for left in os.listdir(directory):  # only this file's: under torchrun other ranks write theirs meanwhile
         if left.startswith(name + ".") and left.endswith(".tmp"):
             os.remove(os.path.join(directory, left))
+
+
+class WriteError(Exception):
+    """A result file that could not be written; the file that was there is untouched."""
 
 
 def comparison_row(name, config, results, results_dir):

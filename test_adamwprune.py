@@ -2,7 +2,8 @@
 
     $ python -m pytest -q
 
-Sections: adamwprune.py (the optimizer), memory.py, models.py and train.py, plot.py.
+Grouped by the file under test (`# === file ===`), in sections (`# --- ... ---`): adamwprune.py,
+memory.py, models.py, train.py, plot.py, .ci/gpu.
 """
 import ast
 import copy
@@ -76,6 +77,7 @@ def cubic(t, s, start, end):
         return s
     return s * (1 - (1 - (t - start) / (end - start)) ** 3)
 
+# === adamwprune.py ===
 
 # --- 1. with sparsity 0 it is AdamW, and a drop-in for it ---
 
@@ -155,7 +157,6 @@ def test_an_older_state_dict_without_new_group_keys_loads_with_defaults():
     loaded.step()
     assert loaded.sparsity()[0] == pytest.approx(0.5, abs=0.01)
 
-
 # --- 2. while pruning, the kept weights follow AdamW step by step ---
 
 
@@ -226,7 +227,6 @@ def test_kept_weights_follow_adamw_with_the_same_mask_at_every_step(options, dev
     assert ("kept_index" in opt.state[ours[4].weight]) == options.get("amsgrad", False)
     assert opt.sparsity()[1][ours[4].weight] > 0.25
     assert zeros_fraction([ours[0].weight, ours[2].weight]) == pytest.approx(0.8, abs=0.002)
-
 
 # --- 3. the schedule, exact counts, one global threshold ---
 
@@ -335,7 +335,6 @@ def test_mask_updates_are_due_on_the_grid_from_prune_start_and_at_prune_end():
     assert [c for c in range(40) if mask_update_due(c, group)] == [10, 14, 18, 22, 25]
     assert not any(mask_update_due(c, {**group, "sparsity": 0.0}) for c in range(40))
 
-
 # --- 4. pruned stays pruned ---
 
 
@@ -351,7 +350,6 @@ def test_pruned_weights_stay_exactly_zero_and_masks_never_unprune():
             assert torch.all(now[before]), f"a pruned weight came back at step {t}"
         previous = masks
     assert zeros_fraction(prunable(model)) == pytest.approx(0.9, abs=1e-3)
-
 
 # --- 5. the importance scores ---
 
@@ -398,7 +396,6 @@ def test_the_optimizer_prunes_the_lowest_scores_of_a_hand_made_state(importance)
     }[importance]
     lowest3 = set(formula.flatten().argsort()[:3].tolist())
     assert set((layer.weight.flatten() == 0).nonzero().flatten().tolist()) == lowest3
-
 
 # --- 6. the k lowest scores: radix select against a sort ---
 
@@ -475,7 +472,6 @@ def test_non_finite_scores_skip_the_mask_update_with_a_warning():
         opt.step()
     assert opt.sparsity()[0] == 0.0  # nothing was pruned on NaN scores
 
-
 # --- 7. memory contract ---
 
 
@@ -530,7 +526,6 @@ def test_a_tensor_is_compacted_exactly_when_compact_state_is_smaller(dtype, amsg
         compact_bytes = kept * (4 + moments * layer.weight.element_size())
         assert ("kept_index" in opt.state[layer.weight]) == (compact_bytes < dense_bytes), sparsity
         assert state_bytes(opt, [layer.weight]) == min(dense_bytes, compact_bytes) + 4  # + `step`
-
 
 # --- 8. state_dict round trip ---
 
@@ -670,7 +665,6 @@ def test_an_older_adamwprune_compact_state_with_exp_avg_keys_loads_and_resumes()
     for a, b in zip(model.parameters(), expected_model.parameters()):
         assert torch.equal(a, b)
 
-
 # --- 9. devices, dtypes, layouts ---
 
 
@@ -717,7 +711,6 @@ def test_channels_last_conv_weights_prune_like_contiguous_ones_whatever_the_grad
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)
 
-
 # --- 10. bad input ---
 
 
@@ -759,7 +752,6 @@ def test_sparse_gradients_raise_a_clear_error():
 def test_parameters_it_cannot_step_or_score_are_refused_at_construction(make, complaint):
     with pytest.raises(ValueError, match=complaint):  # was: errors inside the fused kernel or the mask update
         AdamWPrune(make().parameters())
-
 
 # --- 11. the pruned model, smaller on disk ---
 
@@ -839,7 +831,6 @@ def test_damaged_compact_entries_and_non_tensors_get_a_clear_error():
     with pytest.raises(TypeError, match="'step' is a int, not a tensor"):
         compact_state_dict({**model.state_dict(), "step": 3})
 
-
 # --- 12. copyable alone ---
 
 
@@ -874,6 +865,7 @@ def test_copied_alone_into_an_empty_folder_it_trains_a_model(tmp_path):
     assert accuracy > 0.9
     assert sparsity == pytest.approx(0.7, abs=0.002)
 
+# === memory.py ===
 
 # --- memory.py: accounting against hand computation ---
 
@@ -919,7 +911,6 @@ def test_bytes_per_prunable_weight_on_lenet5_are_those_of_each_method(optimizer,
 def test_a_storage_shared_by_views_is_counted_once():
     t = torch.zeros(1000)
     assert memory.tensor_bytes([t, t.view(10, 100), t[500:], t.clone()]) == 2 * 4000
-
 
 # --- memory.py: the CPU peak tracker and the monitor ---
 
@@ -1001,8 +992,116 @@ def test_a_benchmark_rig_reports_its_step_peak_above_its_state_and_reserved_memo
     assert peak_bytes >= state_bytes + activations
     assert reserved_bytes is None if device == "cpu" else reserved_bytes >= state_bytes + activations
 
+# === models.py ===
 
-# === models.py and train.py ===
+# --- models ---
+
+def test_lenet5_has_61706_parameters():
+    assert count_parameters(LeNet5(1, 10, image_size=28)) == 61_706
+
+
+def test_lenet5_flatten_size_follows_the_image_size():
+    model = LeNet5(3, 10, image_size=32)
+    assert count_parameters(model) == 83_126
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_has_11173962_parameters():
+    model = ResNet18(3, 10)
+    assert count_parameters(model) == 11_173_962
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+# --- the GPT ---
+
+def unique_parameters(model):
+    """Each tensor once, by identity, whatever parameters() does with shared ones."""
+    every = [p for _, p in model.named_parameters(remove_duplicate=False)]  # wte.weight twice
+    return sum(p.numel() for p in {id(p): p for p in every}.values())
+
+
+def gpt_by_hand(vocab_size, block_size, n_layer, n_head, n_embd):
+    """Parameters counted layer by layer, the token embedding once (lm_head shares it, without a bias)."""
+    C = n_embd
+    attention = (C * 3 * C + 3 * C) + (C * C + C)  # c_attn, c_proj
+    mlp = (C * 4 * C + 4 * C) + (4 * C * C + C)  # c_fc, c_proj
+    block = 2 * C + attention + 2 * C + mlp  # ln_1, attn, ln_2, mlp
+    return vocab_size * C + block_size * C + n_layer * block + 2 * C  # wte, wpe, blocks, ln_f
+
+
+def test_gpt_parameter_counts_are_those_counted_by_hand_and_in_the_docstring():
+    tiny = GPT(**GPT_SHAPES["gpt-tiny"])
+    with torch.device("meta"):  # no memory for GPT-2's 124M parameters
+        gpt2 = GPT(**GPT_SHAPES["gpt2"])
+    assert unique_parameters(tiny) == gpt_by_hand(**GPT_SHAPES["gpt-tiny"]) == 809_856
+    assert unique_parameters(gpt2) == gpt_by_hand(**GPT_SHAPES["gpt2"]) == 124_475_904
+    assert count_parameters(gpt2) == 124_475_904  # model.parameters() counts the tied tensor once too
+    assert "809,856" in GPT.__doc__ and "124,475,904" in GPT.__doc__
+    import models
+    assert "809,856" in models.__doc__ and "124,475,904" in models.__doc__
+
+
+def test_gpt_lm_head_is_the_token_embedding_and_stays_one_tensor_through_a_step():
+    torch.manual_seed(0)
+    model = GPT(**GPT_SHAPES["gpt-tiny"])
+    assert model.lm_head.weight is model.wte.weight and model.lm_head.bias is None
+    before = model.wte.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 65, (2, 16))
+    F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    optimizer.step()
+    assert model.lm_head.weight is model.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+    assert not torch.equal(model.wte.weight, before)  # it moved, and lm_head with it
+
+
+def test_gpt_changing_token_t_changes_no_logits_before_t():
+    torch.manual_seed(0)
+    model = GPT(**GPT_SHAPES["gpt-tiny"]).eval()
+    idx = torch.randint(0, 65, (2, 40))
+    t = 23
+    changed = idx.clone()
+    changed[:, t] = (idx[:, t] + 1) % 65
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    assert torch.equal(before[:, :t], after[:, :t])  # the past cannot see the future
+    assert (before[:, t:] - after[:, t:]).abs().amax(-1).min() > 0  # token t and those after it do see it
+
+
+def test_gpt_a_sequence_longer_than_the_block_size_raises_naming_it():
+    model = GPT(**GPT_SHAPES["gpt-tiny"])
+    assert model(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 65)
+    with pytest.raises(ValueError, match=r"65 tokens.*block size 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPT(vocab_size=65, block_size=8, n_layer=1, n_head=3, n_embd=16)
+
+
+def test_gpt_learns_a_repeating_sequence_with_adamw():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    data = torch.arange(7).repeat(10)  # 0 1 2 3 4 5 6 0 1 ... : each token decides the next
+    x, y = data[:32].unsqueeze(0), data[1:33].unsqueeze(0)  # (1, 32) inputs, targets one ahead
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(65)) < 0.2
+    assert losses[-1] < losses[0] / 2
+
+
+def test_gpt_tiny_starts_at_the_loss_of_a_uniform_guess_on_random_tokens():
+    torch.manual_seed(0)
+    model = GPT(**GPT_SHAPES["gpt-tiny"])
+    idx = torch.randint(0, 65, (8, 64))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    assert abs(loss.item() - math.log(65)) < 0.1  # ln 65 = 4.17: GPT-2's init makes the logits near zero
+
+# === train.py ===
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -1073,25 +1172,6 @@ def cli_error(capsys, argv):
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
-
-# --- models ---
-
-def test_lenet5_has_61706_parameters():
-    assert count_parameters(LeNet5(1, 10, image_size=28)) == 61_706
-
-
-def test_lenet5_flatten_size_follows_the_image_size():
-    model = LeNet5(3, 10, image_size=32)
-    assert count_parameters(model) == 83_126
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_resnet18_has_11173962_parameters():
-    model = ResNet18(3, 10)
-    assert count_parameters(model) == 11_173_962
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-
-
 # --- data ---
 
 def test_read_idx_reads_the_shape_and_values_written(tmp_path):
@@ -1149,7 +1229,6 @@ def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeyp
         assert hint in message
     assert "Traceback" not in capsys.readouterr().err
 
-
 # --- command line ---
 
 @pytest.mark.parametrize("flags, complaint", [
@@ -1189,7 +1268,6 @@ def test_defaults_follow_the_model_and_optimizer(tmp_path, monkeypatch):
     config = train.parse_args(["--model", "resnet18", "--optimizer", "sgd"])
     assert (config["dataset"], config["pruning"], config["sparsity"], config["lr"]) == ("cifar10", "none", 0.0, 0.03)
 
-
 # --- runs ---
 
 def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_path, monkeypatch):
@@ -1206,7 +1284,10 @@ def test_tiny_run_writes_results_json_with_the_documented_keys(tiny_data, tmp_pa
     assert {"python", "torch", "torchvision", "device"} <= set(results["environment"])
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "sparsity"} <= set(results["history"][0])
-    assert results["memory"]["peak_bytes"] == results["final"]["peak_memory_bytes"] > 0
+    # by hand: LeNet-5's weights, gradients, AdamW's m and v (4 B each) and the magnitude mask (1 B per weight
+    # of 2+ dims) are alive at every step; a batch's activations add less than 16 MiB
+    persistent_bytes = 16 * 61_706 + 1 * (61_706 - (6 + 16 + 120 + 84 + 10))
+    assert persistent_bytes <= results["final"]["peak_memory_bytes"] < persistent_bytes + 16 * 2**20
     assert results["final"]["sparsity"] == pytest.approx(0.7, abs=1e-4)
     assert results["final"]["test_accuracy"] > 50  # the synthetic classes are easy
     # atomic: each file was renamed into place from a temporary file in the same directory
@@ -1372,7 +1453,7 @@ def test_on_cuda_a_run_after_a_larger_one_in_the_same_process_reports_its_own_pe
 def test_progress_updates_one_line_on_a_terminal(tiny_data, capsys):
     config = train.parse_args(tiny_args(tiny_data, "unused"))
     state, data, _ = train.setup(config)
-    train.train(state, data, 1, show_progress=True)
+    train.train_epoch(state, data, 1, show_progress=True)
     out = capsys.readouterr().out
     assert out.startswith("\r") and "\n" not in out and f"[{TINY_TRAIN // 64}/{TINY_TRAIN // 64}]" in out
     assert "img/s" in out and "ETA" in out and "iB" in out
@@ -1406,7 +1487,6 @@ def test_data_path_benchmark_times_the_data_path_in_train_steps_only(tiny_data, 
     assert delay_seconds <= figures["bare_step_seconds"] < 2 * delay_seconds
     assert 0.8 * delay_seconds < figures["train_step_seconds"] - figures["bare_step_seconds"] < 2 * delay_seconds
 
-
 # --- pruning methods ---
 
 def tiny_model():
@@ -1415,30 +1495,27 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("method", [train.MagnitudePruning, train.MovementPruning])
-def test_pruning_follows_adamwprune_step_for_step_with_monotone_masks_and_zero_weights(method):
-    """Same schedule, same grid of mask updates, same exact counts as the optimizer's own pruning."""
-    model, reference = tiny_model(), tiny_model()
-    schedule = dict(prune_start=2, prune_end=20, prune_every=3)
+def test_pruning_methods_prune_the_cubic_schedule_by_hand_with_monotone_masks_and_zero_weights(method):
+    model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pruning = method(model.parameters(), 0.7, **schedule)
-    adamwprune = AdamWPrune(reference.parameters(), lr=1e-2, sparsity=0.7, **schedule)
+    pruning = method(model.parameters(), 0.7, prune_start=2, prune_end=20, prune_every=3)
     prunable = [model[0].weight, model[2].weight]
     assert pruning.params == prunable  # biases are not prunable
-    previous = [torch.ones_like(p, dtype=torch.bool) for p in prunable]
-    for _ in range(25):
-        for net, opt in ((model, optimizer), (reference, adamwprune)):
-            F.cross_entropy(net(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
-            if net is model:
-                pruning.observe()  # scores see this step's gradients
-            opt.step()
-            opt.zero_grad()
+    previous, expected = [torch.ones_like(p, dtype=torch.bool) for p in prunable], 0
+    for t in range(1, 26):
+        F.cross_entropy(model(torch.randn(16, 20)), torch.randint(0, 5, (16,))).backward()
+        pruning.observe()  # scores see this step's gradients
+        optimizer.step()
+        optimizer.zero_grad()
         pruning.step()
+        if t in (2, 5, 8, 11, 14, 17, 20):  # the grid from prune_start every 3 steps, and prune_end
+            expected = min(round(cubic(t, 0.7, 2, 20) * 750), 749)
+        assert sum(int((p == 0).sum()) for p in prunable) == expected, t  # exactly, and only at updates
         for p, mask, before in zip(prunable, pruning.masks, previous):
             assert not (mask & ~before).any()  # nothing comes back
             assert (p[~mask] == 0).all()  # pruned weights are zero after every step
-        assert train.prunable_sparsity(model) == train.prunable_sparsity(reference) == adamwprune.sparsity()[0]
         previous = [m.clone() for m in pruning.masks]
-    assert sum(int((p == 0).sum()) for p in prunable) == round(0.7 * 750) == 525
+    assert expected == round(0.7 * 750) == 525
 
 
 def test_movement_score_accumulates_minus_gradient_times_weight():
@@ -1453,7 +1530,9 @@ def test_movement_score_accumulates_minus_gradient_times_weight():
         with torch.no_grad():
             model[0].weight.add_(0.1)
     assert torch.allclose(pruning.score[0], expected)
-    assert pruning.buffers() == pruning.masks + pruning.score
+    buffers = pruning.buffers()  # by hand: a bool mask and a float32 score per prunable weight (750 of them)
+    assert sorted(str(b.dtype) for b in buffers) == ["torch.bool"] * 2 + ["torch.float32"] * 2
+    assert memory.tensor_bytes(buffers) == 750 * (1 + 4)
 
 
 def test_pruning_state_dict_round_trips():
@@ -1466,7 +1545,6 @@ def test_pruning_state_dict_round_trips():
     copy.load_state_dict(pruning.state_dict())
     assert copy.optimizer_step == 1
     assert all(torch.equal(a, b) for a, b in zip(copy.buffers(), pruning.buffers()))
-
 
 # --- SPAM ---
 
@@ -1510,6 +1588,23 @@ def test_spam_resets_both_moments_every_reset_interval():
     assert torch.allclose(state["exp_avg_sq"], torch.full((2,), 0.001 * 25))
 
 
+
+def test_spam_warms_the_step_up_by_its_cosine_after_each_reset():
+    w = torch.nn.Parameter(torch.zeros(1))
+    spam = train.AdamWSPAM([w], lr=1e-3, weight_decay=0.0, reset_interval=5, warmup_steps=3, clip_after=10**6)
+    g, m, v = 2.0, 0.0, 0.0
+    for t in range(1, 10):
+        since = t % 5
+        if since == 0:
+            m = v = 0.0  # the reset
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        # by hand: the paper's cosine from 0.01 up to 1 over warmup_steps steps after a reset, 1 otherwise
+        scale = 1 - 0.99 * (1 + math.cos(math.pi * since / 4)) / 2 if t >= 5 and since < 3 else 1.0
+        expected = float(w) - 1e-3 * scale * (m / (1 - 0.9 ** t)) / (math.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        w.grad = torch.full((1,), g)
+        spam.step()
+        assert float(w) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
+
 # --- the real data set ---
 
 def test_default_recipe_lenet5_adamwprune_at_70_percent_reaches_89_percent_on_fashion_mnist(tmp_path):
@@ -1522,265 +1617,6 @@ def test_default_recipe_lenet5_adamwprune_at_70_percent_reaches_89_percent_on_fa
     assert final["sparsity"] == pytest.approx(0.7, abs=1e-5)
     assert final["test_accuracy"] >= 89.0
 
-
-# === plot.py ===
-
-SVG = "{http://www.w3.org/2000/svg}"
-STUDY = [  # name, optimizer, pruning, final accuracy (%), training-state bytes per weight (CPU)
-    ("SGD + movement", "sgd", "movement", 88.4, 16),
-    ("Adam + movement", "adam", "movement", 88.9, 24),
-    ("AdamW + movement", "adamw", "movement", 89.0, 24),
-    ("AdamWAdv + movement", "adamwadv", "movement", 89.2, 28),
-    ("AdamW-SPAM + movement", "adamwspam", "movement", 88.8, 24),
-    ("AdamWPrune + state", "adamwprune", "state", 89.3, 16),
-    ("AdamW (dense)", "adamw", "none", 89.6, 16),
-    ("AdamW + magnitude", "adamw", "magnitude", 88.7, 16),
-]
-WEIGHTS = 61706  # LeNet-5's parameters
-
-
-def make_results(optimizer, pruning, sparsity, accuracy, bytes_per_weight, epochs, steps, rng):
-    """One row's results.json: curves that rise and fall like a real run's, cubic sparsity, CPU memory."""
-    history = [{"epoch": e, "train_loss": 0.28 + 0.5 * math.exp(-e / 2) + rng.uniform(0, 0.01),
-                "train_accuracy": accuracy + 2 - 12 * math.exp(-e / 2),
-                "test_loss": 0.3 + 0.4 * math.exp(-e / 2), "test_accuracy": accuracy - 9 * math.exp(-e / 2.2)
-                + rng.uniform(-0.2, 0.2) * (e < epochs), "sparsity": 0.0, "epoch_seconds": 12.0}
-               for e in range(1, epochs + 1)]
-    start, end = steps // 10, 6 * steps // 10
-    timeline, memory = [], []
-    for step in range(0, steps + 1, 2):
-        t = min(1.0, max(0.0, (step - start) / (end - start)))
-        s = sparsity * (1 - (1 - t) ** 3) if pruning != "none" else 0.0
-        state = bytes_per_weight - (8 * s if pruning == "state" and s > 0.25 else 0)
-        timeline.append({"step": step, "sparsity": s})
-        memory.append({"step": step, "allocated_bytes": int(WEIGHTS * state + 40000), "reserved_bytes": 0})
-    for h in history:
-        h["sparsity"] = timeline[min(len(timeline) - 1, h["epoch"] * len(timeline) // epochs)]["sparsity"]
-    peak = max(m["allocated_bytes"] for m in memory)
-    return {"config": {"model": "lenet5", "dataset": "fashion-mnist", "optimizer": optimizer, "pruning": pruning,
-                       "sparsity": sparsity, "epochs": epochs},
-            "history": history, "sparsity_timeline": timeline,
-            "memory": {"device": "cpu", "source": "persistent training state", "peak_bytes": peak,
-                       "mean_bytes": sum(m["allocated_bytes"] for m in memory) / len(memory), "timeline": memory},
-            "final": {"test_accuracy": history[-1]["test_accuracy"], "sparsity": sparsity,
-                      "peak_memory_bytes": peak, "wall_seconds": 120.0},
-            "wall_seconds": 120.0, "environment": {"python": "3.11.7", "torch": "2.14.1"}}
-
-
-def make_comparison(directory, study=STUDY, sparsities=(0.7,), epochs=10, steps=400, missing=()):
-    """Write comparison.json and one results.json per row into `directory`; rows named in `missing` get none."""
-    rng, rows = random.Random(1), []
-    for name, optimizer, pruning, accuracy, bytes_per_weight in study:
-        for sparsity in ([0.0] if pruning == "none" else sparsities):
-            run = f"lenet5-{optimizer}-{pruning}-{sparsity}"
-            results = make_results(optimizer, pruning, sparsity, accuracy - 4 * sparsity ** 4, bytes_per_weight,
-                                   epochs, steps, rng)
-            peak_mib = results["memory"]["peak_bytes"] / 2 ** 20
-            rows.append({"name": name, "optimizer": optimizer, "pruning": pruning, "sparsity": sparsity,
-                         "results_dir": run, "test_accuracy": results["final"]["test_accuracy"],
-                         "peak_memory_mib": peak_mib, "mean_memory_mib": results["memory"]["mean_bytes"] / 2 ** 20,
-                         "efficiency": 100 * results["final"]["test_accuracy"] / peak_mib,
-                         "sparsity_reached": sparsity, "wall_seconds": 120.0})
-            if name not in missing:
-                os.makedirs(os.path.join(directory, run), exist_ok=True)
-                with open(os.path.join(directory, run, "results.json"), "w") as f:
-                    json.dump(results, f)
-    comparison = {"model": "lenet5", "dataset": "fashion-mnist", "epochs": epochs, "seed": 1,
-                  "sparsities": list(sparsities), "rows": rows,
-                  "environment": {"python": "3.11.7", "torch": "2.14.1", "device": "cpu (x86_64, 2 threads)"}}
-    with open(os.path.join(directory, "comparison.json"), "w") as f:
-        json.dump(comparison, f)
-    return str(directory)
-
-
-def svg_texts(root):
-    return ["".join(t.itertext()) for t in root.iter(SVG + "text")]
-
-
-def drawn_colours(root, tag):
-    return {e.get("stroke") if tag == "polyline" else e.get("fill") for e in root.iter(SVG + tag)}
-
-
-def test_every_svg_parses_and_its_title_names_model_dataset_and_sparsity(tmp_path):
-    paths = plot.render_svgs(make_comparison(tmp_path))
-    assert sorted(os.path.basename(p) for p in paths) == ["comparison.svg", "memory_timeline.svg",
-                                                          "memory_vs_accuracy.svg"]
-    for path in paths:
-        root = ET.parse(path).getroot()
-        assert root.tag == SVG + "svg" and root.get("viewBox") and root.get("width") and root.get("height")
-        assert any(t.startswith("LeNet-5 on Fashion-MNIST, 70% sparsity") for t in svg_texts(root)), path
-
-
-def test_every_row_is_in_the_legend_and_drawn_in_its_colour(tmp_path):
-    root = ET.parse(plot.render_svgs(make_comparison(tmp_path))[0]).getroot()
-    styles = plot.styles_of([{"name": name} for name, *_ in STUDY])
-    texts = svg_texts(root)
-    for name, *_ in STUDY:
-        assert texts.count(name) >= 3  # legend, accuracy bars, memory bars
-        rows_drawn = [e for e in root.iter() if e.get("data-row") == name]
-        assert {e.tag for e in rows_drawn} == {SVG + "polyline", SVG + "rect"}
-        assert styles[name]["colour"] in {e.get("stroke") for e in rows_drawn} & {e.get("fill") for e in rows_drawn}
-    assert len({s["colour"] for s in styles.values()}) == len({s["dash"] for s in styles.values()}) == len(STUDY)
-
-
-def test_row_names_are_xml_escaped(tmp_path):
-    study = [("A<B & \"C\" 'D'",) + STUDY[0][1:]] + STUDY[1:]
-    for path in plot.render_svgs(make_comparison(tmp_path, study)):
-        assert "A<B & \"C\" 'D'" in svg_texts(ET.parse(path).getroot())
-
-
-def test_accuracy_vs_sparsity_is_drawn_only_for_a_sweep(tmp_path):
-    single, sweep = tmp_path / "single", tmp_path / "sweep"
-    single.mkdir(), sweep.mkdir()
-    assert not any(p.endswith("accuracy_vs_sparsity.svg") for p in plot.render_svgs(make_comparison(single)))
-    paths = plot.render_svgs(make_comparison(sweep, sparsities=(0.5, 0.7, 0.9)))
-    root = ET.parse(sweep / "accuracy_vs_sparsity.svg").getroot()
-    assert "LeNet-5 on Fashion-MNIST, 50% to 90% sparsity: accuracy vs sparsity" in svg_texts(root)
-    lines = {e.get("data-row"): e.get("points").split() for e in root.iter(SVG + "polyline")}
-    assert len(lines["AdamWPrune + state"]) == 3 and len(lines["AdamW (dense)"]) == 2
-    assert len(paths) == 4
-
-
-def test_sweep_figures_show_the_highest_sparsity(tmp_path):
-    plot.render_svgs(make_comparison(tmp_path, sparsities=(0.5, 0.9)))
-    root = ET.parse(tmp_path / "comparison.svg").getroot()
-    assert "LeNet-5 on Fashion-MNIST, 90% sparsity" in svg_texts(root)
-    bars = [e for e in root.iter(SVG + "rect") if e.get("data-row") == "AdamWPrune + state"]
-    assert len(bars) == 3  # final accuracy, peak memory, efficiency: at 90% only
-    assert f"{plot.load_comparison(str(tmp_path))[0]['rows'][-1]['efficiency']:.0f}" in svg_texts(root)
-
-
-def test_a_row_without_results_keeps_its_bars_and_gets_a_note(tmp_path):
-    directory = make_comparison(tmp_path, missing=("Adam + movement",))
-    comparison, results = plot.load_comparison(directory)
-    assert len(results) == len(STUDY) - 1 and "Adam + movement" not in results
-    root = ET.parse(plot.render_svgs(directory)[0]).getroot()
-    assert {e.tag for e in root.iter() if e.get("data-row") == "Adam + movement"} == {SVG + "rect"}
-    assert any("no readable results.json for Adam + movement" in t for t in svg_texts(root))
-    assert "no readable results.json for Adam + movement" in plot.text_report(directory)
-
-
-def test_cli_rerenders_from_saved_results(tmp_path):
-    directory = make_comparison(tmp_path)
-    done = subprocess.run([sys.executable, "plot.py", directory], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(plot.__file__)))
-    assert done.returncode == 0, done.stderr
-    assert sorted(f for f in os.listdir(directory) if not os.path.isdir(os.path.join(directory, f))) == [
-        "comparison.json", "comparison.svg", "memory_timeline.svg", "memory_vs_accuracy.svg"]  # no .tmp left
-    assert "AdamWPrune + state" in done.stdout and "final test accuracy (%)" in done.stdout
-
-
-def test_cli_says_what_is_missing_and_how_to_make_it_and_exits_2(tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    make_comparison(broken)
-    comparison = json.loads((broken / "comparison.json").read_text())
-    del comparison["rows"][3]["efficiency"]
-    (broken / "comparison.json").write_text(json.dumps(comparison))
-    for directory, missing in [(tmp_path / "nowhere", "no directory"), (tmp_path, "has no comparison.json"),
-                               (broken, "row 3 has no usable 'efficiency'")]:
-        done = subprocess.run([sys.executable, "plot.py", str(directory)], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(plot.__file__)))
-        assert done.returncode == 2 and done.stdout == ""
-        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-        assert missing in done.stderr and f"python train.py --compare --out {directory}" in done.stderr
-
-
-def test_text_report_names_every_row_within_100_columns(tmp_path):
-    missing = ("Adam + movement", "AdamW-SPAM + movement")  # a note naming six rows: longer than 100 columns
-    report = plot.text_report(make_comparison(tmp_path, sparsities=(0.5, 0.7, 0.9), missing=missing))
-    for name, *_ in STUDY:
-        assert name in report
-    assert "AdamWPrune + state @ 50%" in report and "final test accuracy (%) per sparsity" in report
-    assert "AdamW-SPAM + movement @ 90%: curves left out" in " ".join(report.split())
-    assert max(len(line) for line in report.splitlines()) <= 100
-    assert "█" in report and "▁" in report
-
-
-def test_a_cuda_comparison_adds_the_reserved_peak_to_the_table_within_100_columns(tmp_path):
-    directory = make_comparison(tmp_path)
-    assert "reserved" not in plot.text_report(directory)  # the CPU has no caching allocator
-    with open(tmp_path / "comparison.json") as f:
-        comparison = json.load(f)
-    for i, row in enumerate(comparison["rows"]):
-        row["peak_reserved_mib"] = 1000.0 + i  # as train.py --compare writes a CUDA run's rows
-    with open(tmp_path / "comparison.json", "w") as f:
-        json.dump(comparison, f)
-    table = plot.text_report(directory).splitlines()[-len(STUDY) - 1:]
-    assert table[0].split()[:5] == ["row", "sparsity", "test", "acc", "peak"] and "reserved" in table[0].split()
-    assert [line.split()[-5] for line in table[1:]] == [f"{1000 + i}" for i in range(len(STUDY))]
-    assert max(len(line) for line in table) <= 100
-
-
-def test_ascii_report_is_pure_ascii_even_for_unicode_names(tmp_path):
-    study = [("AdamW – ünïcode",) + STUDY[0][1:]] + STUDY[1:]
-    report = plot.text_report(make_comparison(tmp_path, study), ascii=True)
-    assert report.isascii() and "#" in report and "AdamW ? " in report
-
-
-def test_cli_falls_back_to_ascii_where_stdout_cannot_encode_unicode(tmp_path):
-    done = subprocess.run([sys.executable, "plot.py", make_comparison(tmp_path), "--plot", "text"],
-                          capture_output=True, cwd=os.path.dirname(os.path.abspath(plot.__file__)),
-                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
-    assert done.returncode == 0 and done.stdout.isascii() and b"#" in done.stdout
-    assert not os.path.exists(os.path.join(tmp_path, "comparison.svg"))
-
-
-def test_result_files_are_written_atomically_and_readable_by_others(tmp_path):
-    path = tmp_path / "results.json"
-    plot.write_atomic(str(path), lambda f: json.dump({"a": 1}, f))
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert os.stat(path).st_mode & 0o777 == 0o644
-    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
-
-
-def write_ablation(directory, accuracies):
-    """comparison.json of an ablation: accuracies {(importance, sparsity): test accuracy}."""
-    rows = [{"name": f"AdamWPrune, {importance}", "importance": importance, "sparsity": sparsity,
-             "results_dir": f"row-{importance}-{sparsity}", "test_accuracy": accuracy, "peak_memory_mib": 8.0,
-             "efficiency": accuracy / 8.0 * 100} for (importance, sparsity), accuracy in accuracies.items()]
-    os.makedirs(directory)
-    with open(os.path.join(directory, "comparison.json"), "w") as f:
-        json.dump({"rows": rows}, f)
-    return str(directory)
-
-
-@pytest.mark.parametrize("magnitude_lead, chosen", [(0.05, "variance"), (0.5, "magnitude")])
-def test_the_default_score_is_the_best_state_score_unless_magnitude_leads_by_two_standard_errors(
-        tmp_path, magnitude_lead, chosen):
-    noise = [0.1, -0.1, 0.2, -0.2, 0.0]  # per seed, on magnitude only: the difference's standard error
-    folders = []
-    for seed, wobble in enumerate(noise):
-        accuracies = {}
-        for sparsity, base in ((0.7, 89.5), (0.9, 89.0)):
-            accuracies.update({("variance", sparsity): base, ("hybrid", sparsity): base - 0.3,
-                               ("momentum", sparsity): base - 0.2,
-                               ("magnitude", sparsity): base + magnitude_lead + wobble})
-        folders.append(write_ablation(tmp_path / f"seed{seed}", accuracies))
-    lines, default = plot.score_decision(folders)
-    standard_error = statistics.stdev(noise) / math.sqrt(5)  # 0.071: two of them, 0.14
-    assert default == chosen
-    assert f"{magnitude_lead:+.2f} ± {standard_error:.2f} points" in lines[-1] and f"default is {chosen}" in lines[-1]
-    assert lines[1].startswith("hybrid") and "89.20 ± 0.00" in lines[1]  # (89.5 - 0.3) at 70%
-
-
-def test_the_score_rule_needs_the_same_rows_on_several_seeds(tmp_path, capsys):
-    one = write_ablation(tmp_path / "one", {("magnitude", 0.7): 89.0, ("variance", 0.7): 89.1})
-    with pytest.raises(SystemExit):
-        plot.main(["--scores", one])
-    assert "at least two seeds" in capsys.readouterr().err
-
-
-def test_nice_ticks_are_round_and_cover_the_range():
-    for low, high in [(0, 1), (78.3, 89.6), (0, 4690), (0.93, 1.27), (-3, 7), (5, 5), (0, 0), (1e-4, 3e-4)]:
-        ticks = plot.nice_ticks(low, high)
-        step = ticks[1] - ticks[0]
-        mantissa = step / 10 ** math.floor(math.log10(step))
-        assert ticks[0] <= low and ticks[-1] >= high and 3 <= len(ticks) <= 12
-        assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5)), (low, high, ticks)
-        assert all(abs((b - a) - step) < 1e-9 * max(1, step) for a, b in zip(ticks, ticks[1:]))
-
-
 # --- the comparison ---
 
 
@@ -1791,22 +1627,22 @@ def compare_args(tiny_data, out, *flags):
 
 def test_compare_runs_every_row_and_resumes_where_it_stopped(tiny_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "comparison"
-    real_run, started = train.run, []
+    real_run, started = train.train, []
 
     def run_then_stop_in_the_fourth_row(config):
         started.append(config["out"])
         if len(started) == 4:
             raise KeyboardInterrupt  # a stop part-way through the comparison
         return real_run(config)
-    monkeypatch.setattr(train, "run", run_then_stop_in_the_fourth_row)
+    monkeypatch.setattr(train, "train", run_then_stop_in_the_fourth_row)
     with pytest.raises(SystemExit) as exit_info:
         train.main(compare_args(tiny_data, out))
     assert "run the same command again" in str(exit_info.value.code)
     with open(out / "comparison.json") as f:
         assert len(json.load(f)["rows"]) == 3  # what finished is saved
     started.clear()
-    monkeypatch.setattr(train, "run", lambda config: started.append(config["out"]) or real_run(config))
-    train.main(compare_args(tiny_data, out, "--plot", "text"))
+    monkeypatch.setattr(train, "train", lambda config: started.append(config["out"]) or real_run(config))
+    train.main(compare_args(tiny_data, out, "--plot", "both"))
     assert len(started) == 5  # the three finished rows were not run again
     with open(out / "comparison.json") as f:
         comparison = json.load(f)
@@ -1844,11 +1680,10 @@ def test_a_comparison_refuses_rows_made_with_other_settings(tiny_data, tmp_path)
 def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tiny_data, tmp_path, monkeypatch):
     def interrupted(config):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "run", interrupted)
+    monkeypatch.setattr(train, "train", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(tiny_data, tmp_path))
     assert "stopped" in str(exit_info.value.code) and "--resume" in str(exit_info.value.code)
-
 
 # --- damaged files: one line that names the file, what is wrong with it and what to do; nothing touched ---
 
@@ -2185,7 +2020,6 @@ def _replicas_disagree(rank):
 def test_the_replica_check_raises_when_ddp_ranks_disagree():
     on_two_ranks(_replicas_disagree)
 
-
 # --- train.py under torchrun: 2 processes on gloo, each in the environment torchrun gives it ---
 LENET5_PRUNABLE = 150 + 2400 + 48000 + 10080 + 840  # the weights of its 2 convolutions and 3 linear layers
 
@@ -2356,17 +2190,264 @@ def test_flags_that_do_not_fit_the_processes_stop_at_the_command_line(capsys, mo
     monkeypatch.setenv("WORLD_SIZE", world_size)  # as torchrun sets it
     assert complaint in cli_error(capsys, flags)
 
+# === plot.py ===
 
-def test_the_distributed_code_is_one_section_of_at_most_80_lines_in_a_train_py_of_at_most_880():
-    lines = open(os.path.join(HERE, "train.py")).read().splitlines()
-    sections = [i for i, line in enumerate(lines) if line.startswith("# --- ")]
-    start = lines.index("# --- several processes: torchrun, DDP, FSDP2 ---")
-    end = sections[sections.index(start) + 1]
-    assert end - start <= 80 and len(lines) <= 880
-    outside = lines[:start] + lines[end:]
-    assert not any("dist.init_process_group" in line or "fully_shard(" in line or "DistributedDataParallel(" in line
-                   or "all_reduce" in line for line in outside)
+SVG = "{http://www.w3.org/2000/svg}"
+STUDY = [  # name, optimizer, pruning, final accuracy (%), training-state bytes per weight (CPU)
+    ("SGD + movement", "sgd", "movement", 88.4, 16),
+    ("Adam + movement", "adam", "movement", 88.9, 24),
+    ("AdamW + movement", "adamw", "movement", 89.0, 24),
+    ("AdamWAdv + movement", "adamwadv", "movement", 89.2, 28),
+    ("AdamW-SPAM + movement", "adamwspam", "movement", 88.8, 24),
+    ("AdamWPrune + state", "adamwprune", "state", 89.3, 16),
+    ("AdamW (dense)", "adamw", "none", 89.6, 16),
+    ("AdamW + magnitude", "adamw", "magnitude", 88.7, 16),
+]
+WEIGHTS = 61706  # LeNet-5's parameters
 
+
+def make_results(optimizer, pruning, sparsity, accuracy, bytes_per_weight, epochs, steps, rng):
+    """One row's results.json: curves that rise and fall like a real run's, cubic sparsity, CPU memory."""
+    history = [{"epoch": e, "train_loss": 0.28 + 0.5 * math.exp(-e / 2) + rng.uniform(0, 0.01),
+                "train_accuracy": accuracy + 2 - 12 * math.exp(-e / 2),
+                "test_loss": 0.3 + 0.4 * math.exp(-e / 2), "test_accuracy": accuracy - 9 * math.exp(-e / 2.2)
+                + rng.uniform(-0.2, 0.2) * (e < epochs), "sparsity": 0.0, "epoch_seconds": 12.0}
+               for e in range(1, epochs + 1)]
+    start, end = steps // 10, 6 * steps // 10
+    timeline, memory = [], []
+    for step in range(0, steps + 1, 2):
+        t = min(1.0, max(0.0, (step - start) / (end - start)))
+        s = sparsity * (1 - (1 - t) ** 3) if pruning != "none" else 0.0
+        state = bytes_per_weight - (8 * s if pruning == "state" and s > 0.25 else 0)
+        timeline.append({"step": step, "sparsity": s})
+        memory.append({"step": step, "allocated_bytes": int(WEIGHTS * state + 40000), "reserved_bytes": 0})
+    for h in history:
+        h["sparsity"] = timeline[min(len(timeline) - 1, h["epoch"] * len(timeline) // epochs)]["sparsity"]
+    peak = max(m["allocated_bytes"] for m in memory)
+    return {"config": {"model": "lenet5", "dataset": "fashion-mnist", "optimizer": optimizer, "pruning": pruning,
+                       "sparsity": sparsity, "epochs": epochs},
+            "history": history, "sparsity_timeline": timeline,
+            "memory": {"device": "cpu", "source": "persistent training state", "peak_bytes": peak,
+                       "mean_bytes": sum(m["allocated_bytes"] for m in memory) / len(memory), "timeline": memory},
+            "final": {"test_accuracy": history[-1]["test_accuracy"], "sparsity": sparsity,
+                      "peak_memory_bytes": peak, "wall_seconds": 120.0},
+            "wall_seconds": 120.0, "environment": {"python": "3.11.7", "torch": "2.14.1"}}
+
+
+def make_comparison(directory, study=STUDY, sparsities=(0.7,), epochs=10, steps=400, missing=()):
+    """Write comparison.json and one results.json per row into `directory`; rows named in `missing` get none."""
+    rng, rows = random.Random(1), []
+    for name, optimizer, pruning, accuracy, bytes_per_weight in study:
+        for sparsity in ([0.0] if pruning == "none" else sparsities):
+            run = f"lenet5-{optimizer}-{pruning}-{sparsity}"
+            results = make_results(optimizer, pruning, sparsity, accuracy - 4 * sparsity ** 4, bytes_per_weight,
+                                   epochs, steps, rng)
+            peak_mib = results["memory"]["peak_bytes"] / 2 ** 20
+            rows.append({"name": name, "optimizer": optimizer, "pruning": pruning, "sparsity": sparsity,
+                         "results_dir": run, "test_accuracy": results["final"]["test_accuracy"],
+                         "peak_memory_mib": peak_mib, "mean_memory_mib": results["memory"]["mean_bytes"] / 2 ** 20,
+                         "efficiency": 100 * results["final"]["test_accuracy"] / peak_mib,
+                         "sparsity_reached": sparsity, "wall_seconds": 120.0})
+            if name not in missing:
+                os.makedirs(os.path.join(directory, run), exist_ok=True)
+                with open(os.path.join(directory, run, "results.json"), "w") as f:
+                    json.dump(results, f)
+    comparison = {"model": "lenet5", "dataset": "fashion-mnist", "epochs": epochs, "seed": 1,
+                  "sparsities": list(sparsities), "rows": rows,
+                  "environment": {"python": "3.11.7", "torch": "2.14.1", "device": "cpu (x86_64, 2 threads)"}}
+    with open(os.path.join(directory, "comparison.json"), "w") as f:
+        json.dump(comparison, f)
+    return str(directory)
+
+
+def svg_texts(root):
+    return ["".join(t.itertext()) for t in root.iter(SVG + "text")]
+
+
+def drawn_colours(root, tag):
+    return {e.get("stroke") if tag == "polyline" else e.get("fill") for e in root.iter(SVG + tag)}
+
+
+def test_every_svg_parses_and_its_title_names_model_dataset_and_sparsity(tmp_path):
+    paths = plot.render_svgs(make_comparison(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths) == ["comparison.svg", "memory_timeline.svg",
+                                                          "memory_vs_accuracy.svg"]
+    for path in paths:
+        root = ET.parse(path).getroot()
+        assert root.tag == SVG + "svg" and root.get("viewBox") and root.get("width") and root.get("height")
+        assert any(t.startswith("LeNet-5 on Fashion-MNIST, 70% sparsity") for t in svg_texts(root)), path
+
+
+def test_every_row_is_in_the_legend_and_drawn_in_its_colour(tmp_path):
+    root = ET.parse(plot.render_svgs(make_comparison(tmp_path))[0]).getroot()
+    styles = plot.styles_of([{"name": name} for name, *_ in STUDY])
+    texts = svg_texts(root)
+    for name, *_ in STUDY:
+        assert texts.count(name) >= 3  # legend, accuracy bars, memory bars
+        rows_drawn = [e for e in root.iter() if e.get("data-row") == name]
+        assert {e.tag for e in rows_drawn} == {SVG + "polyline", SVG + "rect"}
+        assert styles[name]["colour"] in {e.get("stroke") for e in rows_drawn} & {e.get("fill") for e in rows_drawn}
+    assert len({s["colour"] for s in styles.values()}) == len({s["dash"] for s in styles.values()}) == len(STUDY)
+
+
+def test_row_names_are_xml_escaped(tmp_path):
+    study = [("A<B & \"C\" 'D'",) + STUDY[0][1:]] + STUDY[1:]
+    for path in plot.render_svgs(make_comparison(tmp_path, study)):
+        assert "A<B & \"C\" 'D'" in svg_texts(ET.parse(path).getroot())
+
+
+def test_accuracy_vs_sparsity_is_drawn_only_for_a_sweep(tmp_path):
+    single, sweep = tmp_path / "single", tmp_path / "sweep"
+    single.mkdir(), sweep.mkdir()
+    assert not any(p.endswith("accuracy_vs_sparsity.svg") for p in plot.render_svgs(make_comparison(single)))
+    paths = plot.render_svgs(make_comparison(sweep, sparsities=(0.5, 0.7, 0.9)))
+    root = ET.parse(sweep / "accuracy_vs_sparsity.svg").getroot()
+    assert "LeNet-5 on Fashion-MNIST, 50% to 90% sparsity: accuracy vs sparsity" in svg_texts(root)
+    lines = {e.get("data-row"): e.get("points").split() for e in root.iter(SVG + "polyline")}
+    assert len(lines["AdamWPrune + state"]) == 3 and len(lines["AdamW (dense)"]) == 2
+    assert len(paths) == 4
+
+
+def test_sweep_figures_show_the_highest_sparsity(tmp_path):
+    plot.render_svgs(make_comparison(tmp_path, sparsities=(0.5, 0.9)))
+    root = ET.parse(tmp_path / "comparison.svg").getroot()
+    assert "LeNet-5 on Fashion-MNIST, 90% sparsity" in svg_texts(root)
+    bars = [e for e in root.iter(SVG + "rect") if e.get("data-row") == "AdamWPrune + state"]
+    assert len(bars) == 3  # final accuracy, peak memory, efficiency: at 90% only
+    assert f"{plot.load_comparison(str(tmp_path))[0]['rows'][-1]['efficiency']:.0f}" in svg_texts(root)
+
+
+def test_a_row_without_results_keeps_its_bars_and_gets_a_note(tmp_path):
+    directory = make_comparison(tmp_path, missing=("Adam + movement",))
+    comparison, results = plot.load_comparison(directory)
+    assert len(results) == len(STUDY) - 1 and "Adam + movement" not in results
+    root = ET.parse(plot.render_svgs(directory)[0]).getroot()
+    assert {e.tag for e in root.iter() if e.get("data-row") == "Adam + movement"} == {SVG + "rect"}
+    assert any("no readable results.json for Adam + movement" in t for t in svg_texts(root))
+    assert "no readable results.json for Adam + movement" in plot.text_report(directory)
+
+
+def test_cli_rerenders_from_saved_results(tmp_path):
+    directory = make_comparison(tmp_path)
+    done = subprocess.run([sys.executable, "plot.py", directory], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(plot.__file__)))
+    assert done.returncode == 0, done.stderr
+    assert sorted(f for f in os.listdir(directory) if not os.path.isdir(os.path.join(directory, f))) == [
+        "comparison.json", "comparison.svg", "memory_timeline.svg", "memory_vs_accuracy.svg"]  # no .tmp left
+    assert "AdamWPrune + state" in done.stdout and "final test accuracy (%)" in done.stdout
+
+
+def test_cli_says_what_is_missing_and_how_to_make_it_and_exits_2(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    make_comparison(broken)
+    comparison = json.loads((broken / "comparison.json").read_text())
+    del comparison["rows"][3]["efficiency"]
+    (broken / "comparison.json").write_text(json.dumps(comparison))
+    for directory, missing in [(tmp_path / "nowhere", "no directory"), (tmp_path, "has no comparison.json"),
+                               (broken, "row 3 has no usable 'efficiency'")]:
+        done = subprocess.run([sys.executable, "plot.py", str(directory)], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(plot.__file__)))
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert missing in done.stderr and f"python train.py --compare --out {directory}" in done.stderr
+
+
+def test_text_report_names_every_row_within_100_columns(tmp_path):
+    missing = ("Adam + movement", "AdamW-SPAM + movement")  # a note naming six rows: longer than 100 columns
+    report = plot.text_report(make_comparison(tmp_path, sparsities=(0.5, 0.7, 0.9), missing=missing))
+    for name, *_ in STUDY:
+        assert name in report
+    assert "AdamWPrune + state @ 50%" in report and "final test accuracy (%) per sparsity" in report
+    assert "AdamW-SPAM + movement @ 90%: curves left out" in " ".join(report.split())
+    assert max(len(line) for line in report.splitlines()) <= 100
+    assert "█" in report and "▁" in report
+
+
+def test_a_cuda_comparison_adds_the_reserved_peak_to_the_table_within_100_columns(tmp_path):
+    directory = make_comparison(tmp_path)
+    assert "reserved" not in plot.text_report(directory)  # the CPU has no caching allocator
+    with open(tmp_path / "comparison.json") as f:
+        comparison = json.load(f)
+    for i, row in enumerate(comparison["rows"]):
+        row["peak_reserved_mib"] = 1000.0 + i  # as train.py --compare writes a CUDA run's rows
+    with open(tmp_path / "comparison.json", "w") as f:
+        json.dump(comparison, f)
+    table = plot.text_report(directory).splitlines()[-len(STUDY) - 1:]
+    assert table[0].split()[:5] == ["row", "sparsity", "test", "acc", "peak"] and "reserved" in table[0].split()
+    assert [line.split()[-5] for line in table[1:]] == [f"{1000 + i}" for i in range(len(STUDY))]
+    assert max(len(line) for line in table) <= 100
+
+
+def test_ascii_report_is_pure_ascii_even_for_unicode_names(tmp_path):
+    study = [("AdamW – ünïcode",) + STUDY[0][1:]] + STUDY[1:]
+    report = plot.text_report(make_comparison(tmp_path, study), ascii=True)
+    assert report.isascii() and "#" in report and "AdamW ? " in report
+
+
+def test_cli_falls_back_to_ascii_where_stdout_cannot_encode_unicode(tmp_path):
+    done = subprocess.run([sys.executable, "plot.py", make_comparison(tmp_path), "--plot", "text"],
+                          capture_output=True, cwd=os.path.dirname(os.path.abspath(plot.__file__)),
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0 and done.stdout.isascii() and b"#" in done.stdout
+    assert not os.path.exists(os.path.join(tmp_path, "comparison.svg"))
+
+
+def test_result_files_are_written_atomically_and_readable_by_others(tmp_path):
+    path = tmp_path / "results.json"
+    plot.write_atomic(str(path), lambda f: json.dump({"a": 1}, f))
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def write_ablation(directory, accuracies):
+    """comparison.json of an ablation: accuracies {(importance, sparsity): test accuracy}."""
+    rows = [{"name": f"AdamWPrune, {importance}", "importance": importance, "sparsity": sparsity,
+             "results_dir": f"row-{importance}-{sparsity}", "test_accuracy": accuracy, "peak_memory_mib": 8.0,
+             "efficiency": accuracy / 8.0 * 100} for (importance, sparsity), accuracy in accuracies.items()]
+    os.makedirs(directory)
+    with open(os.path.join(directory, "comparison.json"), "w") as f:
+        json.dump({"rows": rows}, f)
+    return str(directory)
+
+
+@pytest.mark.parametrize("magnitude_lead, chosen", [(0.05, "variance"), (0.5, "magnitude")])
+def test_the_default_score_is_the_best_state_score_unless_magnitude_leads_by_two_standard_errors(
+        tmp_path, magnitude_lead, chosen):
+    noise = [0.1, -0.1, 0.2, -0.2, 0.0]  # per seed, on magnitude only: the difference's standard error
+    folders = []
+    for seed, wobble in enumerate(noise):
+        accuracies = {}
+        for sparsity, base in ((0.7, 89.5), (0.9, 89.0)):
+            accuracies.update({("variance", sparsity): base, ("hybrid", sparsity): base - 0.3,
+                               ("momentum", sparsity): base - 0.2,
+                               ("magnitude", sparsity): base + magnitude_lead + wobble})
+        folders.append(write_ablation(tmp_path / f"seed{seed}", accuracies))
+    lines, default = plot.score_decision(folders)
+    standard_error = statistics.stdev(noise) / math.sqrt(5)  # 0.071: two of them, 0.14
+    assert default == chosen
+    assert f"{magnitude_lead:+.2f} ± {standard_error:.2f} points" in lines[-1] and f"default is {chosen}" in lines[-1]
+    assert lines[1].startswith("hybrid") and "89.20 ± 0.00" in lines[1]  # (89.5 - 0.3) at 70%
+
+
+def test_the_score_rule_needs_the_same_rows_on_several_seeds(tmp_path, capsys):
+    one = write_ablation(tmp_path / "one", {("magnitude", 0.7): 89.0, ("variance", 0.7): 89.1})
+    with pytest.raises(SystemExit):
+        plot.main(["--scores", one])
+    assert "at least two seeds" in capsys.readouterr().err
+
+
+def test_nice_ticks_are_round_and_cover_the_range():
+    for low, high in [(0, 1), (78.3, 89.6), (0, 4690), (0.93, 1.27), (-3, 7), (5, 5), (0, 0), (1e-4, 3e-4)]:
+        ticks = plot.nice_ticks(low, high)
+        step = ticks[1] - ticks[0]
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert ticks[0] <= low and ticks[-1] >= high and 3 <= len(ticks) <= 12
+        assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5)), (low, high, ticks)
+        assert all(abs((b - a) - step) < 1e-9 * max(1, step) for a, b in zip(ticks, ticks[1:]))
+
+# === .ci/gpu ===
 
 # --- .ci/gpu: the checks that need a GPU, smoke-tested on the CPU ---
 
@@ -2430,94 +2511,3 @@ def test_the_gpu_script_stops_at_its_first_error_and_names_the_step(tmp_path):
     log = (tmp_path / "out" / "log.txt").read_text()
     assert done.returncode != 0 and "FAILED in step: the machine" in log and "=== 1/4" not in log
     assert run_gpu_script("--epochs", "0", str(tmp_path / "out")).returncode == 2
-
-
-# --- models.py: the GPT ---
-
-def unique_parameters(model):
-    """Each tensor once, by identity, whatever parameters() does with shared ones."""
-    every = [p for _, p in model.named_parameters(remove_duplicate=False)]  # wte.weight twice
-    return sum(p.numel() for p in {id(p): p for p in every}.values())
-
-
-def gpt_by_hand(vocab_size, block_size, n_layer, n_head, n_embd):
-    """Parameters counted layer by layer, the token embedding once (lm_head shares it, without a bias)."""
-    C = n_embd
-    attention = (C * 3 * C + 3 * C) + (C * C + C)  # c_attn, c_proj
-    mlp = (C * 4 * C + 4 * C) + (4 * C * C + C)  # c_fc, c_proj
-    block = 2 * C + attention + 2 * C + mlp  # ln_1, attn, ln_2, mlp
-    return vocab_size * C + block_size * C + n_layer * block + 2 * C  # wte, wpe, blocks, ln_f
-
-
-def test_gpt_parameter_counts_are_those_counted_by_hand_and_in_the_docstring():
-    tiny = GPT(**GPT_SHAPES["gpt-tiny"])
-    with torch.device("meta"):  # no memory for GPT-2's 124M parameters
-        gpt2 = GPT(**GPT_SHAPES["gpt2"])
-    assert unique_parameters(tiny) == gpt_by_hand(**GPT_SHAPES["gpt-tiny"]) == 809_856
-    assert unique_parameters(gpt2) == gpt_by_hand(**GPT_SHAPES["gpt2"]) == 124_475_904
-    assert count_parameters(gpt2) == 124_475_904  # model.parameters() counts the tied tensor once too
-    assert "809,856" in GPT.__doc__ and "124,475,904" in GPT.__doc__
-    import models
-    assert "809,856" in models.__doc__ and "124,475,904" in models.__doc__
-
-
-def test_gpt_lm_head_is_the_token_embedding_and_stays_one_tensor_through_a_step():
-    torch.manual_seed(0)
-    model = GPT(**GPT_SHAPES["gpt-tiny"])
-    assert model.lm_head.weight is model.wte.weight and model.lm_head.bias is None
-    before = model.wte.weight.detach().clone()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    idx = torch.randint(0, 65, (2, 16))
-    F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
-    optimizer.step()
-    assert model.lm_head.weight is model.wte.weight
-    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
-    assert not torch.equal(model.wte.weight, before)  # it moved, and lm_head with it
-
-
-def test_gpt_changing_token_t_changes_no_logits_before_t():
-    torch.manual_seed(0)
-    model = GPT(**GPT_SHAPES["gpt-tiny"]).eval()
-    idx = torch.randint(0, 65, (2, 40))
-    t = 23
-    changed = idx.clone()
-    changed[:, t] = (idx[:, t] + 1) % 65
-    with torch.no_grad():
-        before, after = model(idx), model(changed)
-    assert torch.equal(before[:, :t], after[:, :t])  # the past cannot see the future
-    assert (before[:, t:] - after[:, t:]).abs().amax(-1).min() > 0  # token t and those after it do see it
-
-
-def test_gpt_a_sequence_longer_than_the_block_size_raises_naming_it():
-    model = GPT(**GPT_SHAPES["gpt-tiny"])
-    assert model(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 65)
-    with pytest.raises(ValueError, match=r"65 tokens.*block size 64"):
-        model(torch.zeros(1, 65, dtype=torch.long))
-    with pytest.raises(ValueError, match="multiple of n_head"):
-        GPT(vocab_size=65, block_size=8, n_layer=1, n_head=3, n_embd=16)
-
-
-def test_gpt_learns_a_repeating_sequence_with_adamw():
-    torch.manual_seed(0)
-    model = GPT(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    data = torch.arange(7).repeat(10)  # 0 1 2 3 4 5 6 0 1 ... : each token decides the next
-    x, y = data[:32].unsqueeze(0), data[1:33].unsqueeze(0)  # (1, 32) inputs, targets one ahead
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert abs(losses[0] - math.log(65)) < 0.2
-    assert losses[-1] < losses[0] / 2
-
-
-def test_gpt_tiny_starts_at_the_loss_of_a_uniform_guess_on_random_tokens():
-    torch.manual_seed(0)
-    model = GPT(**GPT_SHAPES["gpt-tiny"])
-    idx = torch.randint(0, 65, (8, 64))
-    with torch.no_grad():
-        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-    assert abs(loss.item() - math.log(65)) < 0.1  # ln 65 = 4.17: GPT-2's init makes the logits near zero

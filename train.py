@@ -11,9 +11,11 @@ Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimize
     $ python train.py --compare                               # every pairing of the study, with plots
     $ torchrun --standalone --nproc-per-node 2 train.py       # 2 processes (DDP); add --fsdp to shard
 
-Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions, "final";
-accuracies in percent) and DIR/checkpoint.pt after each epoch (torchrun --fsdp: process N's checkpoint.rankN.pt).
-The data set lives on the device as uint8 tensors; batches are gathered, augmented (ResNet-18, CIFAR-10) there.
+Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
+"final"; accuracies in percent), DIR/checkpoint.pt after each epoch (torchrun --fsdp: process N's
+checkpoint.rankN.pt) and, when it prunes, DIR/model.pruned.pt: the pruned weights, compacted
+(adamwprune.compact_state_dict). The data set lives on the device as uint8 tensors; batches are
+gathered and augmented (ResNet-18, CIFAR-10) there.
 """
 import argparse
 import collections
@@ -21,7 +23,6 @@ import contextlib
 import gzip
 import importlib.metadata
 import importlib.util
-import inspect
 import io
 import json
 import math
@@ -35,8 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 
-from adamwprune import (IMPORTANCES, AdamWPrune, check_replicas_agree, compact_state_dict, local, lowest_k,
-                        scheduled_sparsity, target_count)
+from adamwprune import (DEFAULT_IMPORTANCE, IMPORTANCES, AdamWPrune, compact_state_dict, local,
+                        mask_update_due, prunable, prune_lowest)
 import memory
 import plot
 from models import build_model
@@ -49,9 +50,10 @@ DATASETS = {  # mean and std: per channel, of the training images scaled to [0, 
     "cifar10": Dataset("CIFAR10", 3, 32, 10, 50000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 SYSTEM_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist
-DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10"}  # Fashion-MNIST: also offline, from Debian
+DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10"}  # Fashion-MNIST: offline too (Debian)
 DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50}  # resnet18: not measured on this project's CPU machines
-DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine"}  # cosine: SGDR's (Loshchilov & Hutter 2017), once
+# cosine: SGDR's (Loshchilov & Hutter 2017)
+DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine"}
 OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in README.md
     "sgd": (0.03, 5e-4),  # momentum 0.9, L2 decay in the gradient
     "adam": (1e-3, 0.0),
@@ -66,142 +68,11 @@ SCHEDULE = "cubic"  # every method's sparsity schedule (Zhu & Gupta 2017)
 PRUNE_START_FRACTION = 0.1  # default --prune-start: this fraction of all optimizer steps
 PRUNE_END_FRACTION = 0.6  # default --prune-end: the rest of the run fine-tunes at the final sparsity
 PRUNE_UPDATES_PER_EPOCH = 20  # default --prune-every: steps per epoch / this
-IMPORTANCE_DEFAULT = inspect.signature(AdamWPrune).parameters["importance"].default
 CLIP_GRAD_NORM = 1.0  # adamwadv only
 BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000
 TIMELINE_SAMPLES = 200  # memory and sparsity are sampled about this many times per run
 DRY_RUN_BATCHES = 2  # --dry-run: one epoch of this many batches (and as many test images)
-
-
-def checked(convert, ok, rule):
-    """An argparse type: convert(text), kept when ok(value); otherwise argparse stops, quoting `rule`."""
-    def parse(text):
-        with contextlib.suppress(ValueError, RuntimeError):
-            if ok(value := convert(text)):
-                return value
-        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
-    return parse
-
-
-COUNT = checked(int, lambda n: n >= 1, "takes a whole number of at least 1")
-POSITIVE = checked(float, lambda x: x > 0, "takes a positive number")
-SPARSITIES = checked(lambda text: [float(s) for s in text.split(",")], lambda ss: all(0 <= s < 1 for s in ss),
-                     "takes a number in [0, 1), or a list like 0.5,0.7,0.9 with --compare")
-DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes auto, cpu, cuda or cuda:N")
-
-
-def parse_args(argv=None, writes=True):
-    """The command line as a config dict, every default resolved; bad input stops here. writes=False: for
-    callers that write nothing to --out (memory.py's benchmarks), a run already there is no reason to stop."""
-    p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
-    add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
-    add("--model", choices=("lenet5", "resnet18"), default="lenet5", help="network (default: lenet5)")
-    add("--dataset", choices=tuple(DATASETS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
-    add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune", help="optimizer (default: adamwprune)")
-    add("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
-        "(default: state for adamwprune, none otherwise)")
-    add("--sparsity", type=SPARSITIES, metavar="S", help="final fraction of prunable weights (2+ dims) pruned, in "
-        f"[0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps (default: {DEFAULT_SPARSITY} when pruning, else 0)")
-    add("--importance", choices=IMPORTANCES, help=f"AdamWPrune's importance score (default: {IMPORTANCE_DEFAULT})")
-    add("--epochs", type=COUNT, metavar="N", help=f"epochs to train (default: {per_model(DEFAULT_EPOCHS)})")
-    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N", help=f"global batch size (default: {BATCH_SIZE})")
-    add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
-        + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
-    add("--lr-schedule", choices=("constant", "cosine"), help="learning rate over the run: constant, or cosine "
-        f"annealing to 0 at the last step; adamwadv is always cosine (default: {per_model(DEFAULT_LR_SCHEDULE)})")
-    add("--prune-start", type=int, metavar="STEP",
-        help=f"optimizer step where pruning starts (default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
-    add("--prune-end", type=int, metavar="STEP", help="optimizer step where the final sparsity is reached "
-        f"(default: {PRUNE_END_FRACTION * 100:.0f}%% of all steps)")
-    add("--prune-every", type=COUNT, metavar="STEPS",
-        help=f"optimizer steps between mask updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
-    add("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
-    add("--device", type=DEVICE, default="auto", help="cpu, cuda or cuda:N (default: auto: cuda if any, else cpu)")
-    add("--fsdp", action="store_true", help="under torchrun: shard the model over the processes with FSDP2, not DDP")
-    add("--amp", choices=("none", "bf16"), default="none",
-        help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
-    add("--data-dir", default="./data", metavar="DIR", help="where data sets are read or downloaded (default: ./data)")
-    add("--out", metavar="DIR", help="where results.json and checkpoint.pt go; a run there is continued with "
-        "--resume, never overwritten (default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
-    add("--resume", action="store_true", help="continue the run in --out (same flags as the stopped run)")
-    add("--limit", type=COUNT, metavar="N", help="use only the first N images of each split (default: all)")
-    add("--compare", action="store_true", help="run every optimizer/pruning pairing of the study on one seed and "
-        "schedule, write comparison.json, .csv and SVG plots to --out (default: results/compare-<model>-<dataset>)")
-    add("--ablation", action="store_true", help="with --compare: AdamWPrune with each importance score instead of "
-        "the study's rows")
-    add("--plot", choices=("svg", "text"), default="svg",
-        help="with --compare: svg writes the SVG plots; text also prints them as text (default: svg)")
-    add("--dry-run", action="store_true", help=f"one quick pass: 1 epoch of {DRY_RUN_BATCHES} batches, in the "
-        "default folder with -dry-run added, which the next dry run overwrites (default: off)")
-    args = p.parse_args(argv)
-    given = {f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != p.get_default(k)}
-
-    # 1) every default, some following from other flags
-    adamwprune, compare = args.optimizer == "adamwprune", args.compare
-    args.pruning = args.pruning or ("state" if adamwprune else "none")
-    pruning = args.pruning != "none"
-    args.sparsities = args.sparsity or [DEFAULT_SPARSITY if pruning else 0.0]  # more than one: a sweep
-    args.sparsity = args.sparsities[0]
-    args.importance = args.importance or IMPORTANCE_DEFAULT
-    args.dataset = args.dataset or DEFAULT_DATASET[args.model]
-    args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
-    args.lr = args.lr or OPTIMIZERS[args.optimizer][0]
-    args.lr_schedule = args.lr_schedule or DEFAULT_LR_SCHEDULE[args.model]
-    if args.dry_run:
-        args.epochs, args.limit = 1, min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    epoch_steps = steps_per_epoch(vars(args))
-    total_steps = args.epochs * epoch_steps
-    if args.prune_start is None:  # the pruning schedule, in optimizer steps
-        args.prune_start = round(PRUNE_START_FRACTION * total_steps)
-    if args.prune_end is None:
-        args.prune_end = max(args.prune_start, round(PRUNE_END_FRACTION * total_steps))
-    args.prune_every = args.prune_every or max(1, epoch_steps // PRUNE_UPDATES_PER_EPOCH)
-    folder = (f"{'ablation' if args.ablation else 'compare'}-{args.model}-{args.dataset}" if compare
-              else f"{args.model}-{args.optimizer}-{args.pruning}-{args.sparsity:g}")
-    args.out = args.out or os.path.join("results", folder + ("-dry-run" if args.dry_run else ""))
-    found = [name for name in ("checkpoint.pt", "results.json") if os.path.exists(os.path.join(args.out, name))]
-
-    # 2) flags that do not fit together: the first clash stops here, saying how to fix it
-    compare_drops = sorted(given & {"--optimizer", "--pruning", "--lr", "--resume"})
-    schedule_flags = sorted(given & {"--prune-start", "--prune-end", "--prune-every"})
-    cuda, world = torch.device(args.device).type == "cuda", rank_and_world()[1]
-    clashes = [
-        (compare and compare_drops, "--compare runs every optimizer and pruning method with its default "
-                                    f"learning rate and resumes by itself: drop {', '.join(compare_drops)}"),
-        (not compare and given & {"--ablation", "--plot"}, "--ablation and --plot shape a comparison: add --compare"),
-        (compare and 0 in args.sparsities, "--sparsity must be in (0, 1) for a comparison, got 0"),
-        (not compare and len(args.sparsities) > 1, "several --sparsity values make a sweep: add --compare"),
-        (args.pruning == "state" and not adamwprune, "--pruning state ranks weights by AdamWPrune's own moments: "
-         f"use --optimizer adamwprune, or prune {args.optimizer} with --pruning magnitude or movement"),
-        (adamwprune and args.pruning not in ("state", "none"), "--optimizer adamwprune prunes by itself: use "
-         f"--pruning state (or none for a dense run); --pruning {args.pruning} is for the other optimizers"),
-        ("--importance" in given and args.pruning != "state",
-         "--importance picks AdamWPrune's score: it needs --optimizer adamwprune --pruning state"),
-        (not pruning and args.sparsity > 0, "--sparsity needs a pruning method: add --pruning magnitude or "
-                                            "movement (or use --optimizer adamwprune)"),
-        (not pruning and schedule_flags, f"{', '.join(schedule_flags)} set a pruning schedule: add --pruning "
-                                         "(or use --optimizer adamwprune)"),
-        (cuda and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here; use --device cpu"),
-        (args.amp == "bf16" and not cuda, "--amp bf16 runs on CUDA only: use --device cuda, or --amp none on the CPU"),
-        (not 0 <= args.prune_start <= args.prune_end <= total_steps,
-         f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= the run's "
-         f"{total_steps} optimizer steps ({args.epochs} epochs x {epoch_steps})"),
-        (args.batch_size % world, f"--batch-size is the global batch, split evenly over the {world} processes: use "
-                                  f"a multiple of {world}, such as {max(world, args.batch_size // world * world)}"),
-        (args.fsdp and world == 1, "--fsdp needs several processes: torchrun --nproc-per-node 2 train.py --fsdp"),
-        (args.resume and "checkpoint.pt" not in found,
-         f"--resume: no checkpoint in {args.out}; run without --resume to start"),
-        (writes and found and not (args.resume or compare or (args.dry_run and "--out" not in given)),
-         f"{args.out} holds a run already ({' and '.join(found)}): add --resume to continue it, "
-         "pass another --out, or delete that folder"),
-    ]
-    for clash, message in clashes:
-        if clash:
-            p.error(message)
-    return vars(args)
 
 
 def train_images(config):
@@ -214,33 +85,28 @@ def steps_per_epoch(config):
 
 
 class RunError(Exception):
-    """A problem the user can fix (missing data, a damaged file, a checkpoint from other flags): main() prints it."""
-
-
-def config_differences(old, new, ignored=()):
-    """The settings in which two configs differ, as flags: '--lr 0.001 there, 0.01 now, ...'."""
-    show = lambda value: "unset" if value is None else value
-    return ", ".join(f"--{key.replace('_', '-')} {show(old.get(key))} there, {show(new[key])} now"
-                     for key in new if key not in ignored and old.get(key) != new[key])
+    """A problem the user can fix (missing data, a damaged file, other flags): main() prints it."""
 
 
 # --- data ---
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") 
+             for kind in ("images-idx3", "labels-idx1")]
 
 
 def read_idx(path):
-    """An IDX file (the MNIST format; gzipped or not) as a uint8 tensor of its shape; RunError if it is damaged."""
+    """An IDX file (the MNIST format; gzipped or not) as a uint8 tensor of its shape; RunError if damaged."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
     except Exception as error:  # gzip raises OSError, EOFError or zlib.error on a damaged or cut stream
         raise RunError(f"{path} cannot be read ({error}): re-copy the data set") from None
-    if data[:3] != b"\x00\x00\x08" or len(data) < 4:  # magic: two zero bytes, type 0x08 (uint8), number of dims
+    if data[:3] != b"\x00\x00\x08" or len(data) < 4:  # magic: two zero bytes, type 0x08 (uint8), dims
         raise RunError(f"{path} is not an IDX file of uint8 values: re-copy the data set")
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     if (found := len(data) - 4 - 4 * ndim) != math.prod(shape):  # one byte per value after the header
-        raise RunError(f"{path} is cut short or damaged (header {shape}, {max(found, 0)} values): re-copy the data set")
+        raise RunError(f"{path} is cut short or damaged (header {shape}, {max(found, 0)} values): "
+                       "re-copy the data set")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
 
 
@@ -250,8 +116,9 @@ def torchvision_download(name, data_dir):
     cls = getattr(torchvision.datasets, DATASETS[name].torchvision)
     splits = []
     for train in (True, False):
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # quiet; once there,
-            dataset = cls(data_dir, train=train, download=True)  # torchvision reads its files and downloads nothing
+        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+        with quiet[0], quiet[1]:  # once there, torchvision reads its files and downloads nothing
+            dataset = cls(data_dir, train=train, download=True)
         images = torch.as_tensor(dataset.data)
         images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)  # (N, C, H, W)
         splits += [images.contiguous(), torch.as_tensor(dataset.targets)]
@@ -260,9 +127,8 @@ def torchvision_download(name, data_dir):
 
 def load_dataset(name, data_dir):
     """[train_images, train_labels, test_images, test_labels]: uint8 (N, C, H, W) and labels, on the CPU.
-
-    MNIST and Fashion-MNIST are read from IDX files wherever they are found (torchvision's layout under data_dir,
-    data_dir itself, Debian's /usr/share/datasets); otherwise torchvision downloads the data set into data_dir."""
+    MNIST and Fashion-MNIST are read from IDX files where found (torchvision's layout under data_dir,
+    data_dir, Debian's /usr/share/datasets); else torchvision downloads the data set into data_dir."""
     torchvision_layout = os.path.join(data_dir, DATASETS[name].torchvision, "raw")
     tried = [d for d in (torchvision_layout, data_dir, SYSTEM_DATA_DIRS.get(name)) if d and name != "cifar10"]
     for directory in tried:
@@ -282,9 +148,8 @@ def load_dataset(name, data_dir):
 
 
 def random_crop_flip(images, shifts, flips, pad=4):
-    """Random crop after zero-padding by `pad`, then a horizontal flip, for a whole batch at once: CIFAR-10's usual
+    """Random crop after zero-padding by `pad`, then a horizontal flip, for a whole batch at once: CIFAR-10's
     augmentation (He et al. 2016), which Zhong et al. 2020 (arXiv:1708.04896) used on Fashion-MNIST too.
-
     images (B, C, H, W); shifts (B, 2) in [0, 2 * pad]; flips (B,) bool."""
     batch, channels, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))  # (B, C, H + 2 pad, W + 2 pad)
@@ -309,7 +174,7 @@ class DeviceData:
         return len(self.labels)
 
     def batches(self, batch_size, generator=None, rank=0, ranks=1):
-        """(x, y) batches: in order, or shuffled (and augmented) from the CPU `generator`; this rank's slices."""
+        """(x, y) batches: in order, or shuffled (and augmented) by the CPU `generator`; this rank's."""
         n, device, order = len(self), self.images.device, None
         augment = self.augment and generator is not None
         if generator is not None:  # one permutation per epoch; augmentation drawn per image, all at once
@@ -318,7 +183,7 @@ class DeviceData:
             shifts = torch.randint(0, 9, (n, 2), generator=generator).to(device)
             flips = (torch.rand(n, generator=generator) < 0.5).to(device)
         for start in range(0, n, batch_size):
-            lo, hi = (start + min(batch_size, n - start) * r // ranks for r in (rank, rank + 1))  # this rank's slice
+            lo, hi = (start + min(batch_size, n - start) * r // ranks for r in (rank, rank + 1))
             index = slice(lo, hi) if order is None else order[lo:hi]
             x = self.images[index]  # (B, C, H, W) uint8
             if augment:
@@ -334,7 +199,7 @@ def load_data(config, device):
     dataset, arrays = DATASETS[config["dataset"]], load_dataset(config["dataset"], config["data_dir"])
     images_train, labels_train, images_test, labels_test = [a[:config["limit"]].to(device) for a in arrays]
     options = dict(mean=dataset.mean, std=dataset.std, channels_last=channels_last_for(config))
-    augment = config["dataset"] == "cifar10" or config["model"] == "resnet18"  # LeNet-5 on (Fashion-)MNIST: none
+    augment = config["dataset"] == "cifar10" or config["model"] == "resnet18"  # not LeNet-5 on MNIST
     return (DeviceData(images_train, labels_train.long(), augment=augment, **options),
             DeviceData(images_test, labels_test.long(), augment=False, **options))
 
@@ -350,47 +215,10 @@ def make_model(config, device):
     return model.to(memory_format=torch.channels_last) if channels_last_for(config) else model
 
 
-# --- several processes: torchrun, DDP, FSDP2 ---
-# Under torchrun every rank takes its slice of each batch and calls what follows at the same points (empty slice too).
-def rank_and_world():
-    """(this process's rank, the number of processes), from torchrun's environment; (0, 1) without it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def join_processes(config):
-    """Join torchrun's processes, if several: gloo on the CPU, nccl on CUDA (then "cuda" is the local rank's GPU)."""
-    if rank_and_world()[1] > 1:
-        cuda = torch.device(config["device"]).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo")
-
-
-def wrapped(model, config):
-    """The model to train: itself in one process, else a DDP replica or FSDP2 shards (each block, then the root)."""
-    if rank_and_world()[1] == 1:
-        return model
-    if not config["fsdp"]:
-        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # grads in its buckets
-    mesh = dist.init_device_mesh(torch.device(config["device"]).type, (rank_and_world()[1],))  # torch's default: a GPU
-    for block in model.stages if config["model"] == "resnet18" else model.children():  # BasicBlocks; layers
-        fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
-def over_ranks(numbers, device, op=dist.ReduceOp.SUM):
-    """`numbers` (floats or 0-d tensors) summed over the processes (or reduced by `op`), as floats."""
-    values = torch.stack([torch.as_tensor(number, dtype=torch.float64, device=device) for number in numbers])
-    if dist.is_initialized():
-        dist.all_reduce(values, op=op)
-    return values.tolist()
-
-
-# --- optimizer ---
+# --- the optimizers and pruning methods of the comparison ---
 # SPAM: Huang et al. 2025, "SPAM: Spike-Aware Adam with Momentum Reset ..." (ICLR 2025, arXiv:2501.06842)
 class AdamWSPAM(torch.optim.Optimizer):
     """AdamW with SPAM's periodic momentum reset, spike-aware clipping and warmup after a reset.
-
     At group step t (1-based), with since = t mod reset_interval:
         1. if since == 0: exp_avg, exp_avg_sq <- 0 (the reset; bias correction keeps counting)
         2. if t >= clip_after and since >= clip_after (v has re-accumulated after the reset):
@@ -398,9 +226,7 @@ class AdamWSPAM(torch.optim.Optimizer):
         3. AdamW on g, the step scaled by the cosine warmup
                scale = 1 - 0.99 * (1 + cos(pi * since / (warmup_steps + 1))) / 2  for since < warmup_steps
            after each reset (1 before the first reset and after the warmup).
-    Defaults are those of the authors' code: threshold 5000, reset_interval 500, warmup_steps 150,
-    clip_after 20.
-    """
+    Defaults: the authors' code's (threshold 5000, reset_interval 500, warmup_steps 150, clip_after 20)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  threshold=5000.0, reset_interval=500, warmup_steps=150, clip_after=20):
@@ -415,7 +241,8 @@ class AdamWSPAM(torch.optim.Optimizer):
             group["spam_step"] = t = group["spam_step"] + 1
             since = t % group["reset_interval"]  # steps since the last reset
             warmup = t >= group["reset_interval"] and since < group["warmup_steps"]
-            scale = 1 - 0.99 * (1 + math.cos(math.pi * since / (group["warmup_steps"] + 1))) / 2 if warmup else 1.0
+            warmup_scale = 1 - 0.99 * (1 + math.cos(math.pi * since / (group["warmup_steps"] + 1))) / 2
+            scale = warmup_scale if warmup else 1.0
             clip = t >= group["clip_after"] and since >= group["clip_after"]
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -442,22 +269,22 @@ class AdamWSPAM(torch.optim.Optimizer):
 
 
 class GradualPruning:
-    """Global pruning of a model's prunable tensors (2+ dims) on AdamWPrune's schedule.
+    """Global pruning of a model's prunable tensors on AdamWPrune's schedule and threshold path: after
+    an optimizer step where mask_update_due, prune_lowest prunes the lowest scores of the kept weights
+    to exactly k = target_count(s(t), N) (ties by position; global under FSDP2 too); then pruned weights
+    are zeroed. A bool mask per tensor (1 B per weight); subclasses score a tensor (tensor_scores)."""
 
-    Mask updates happen after optimizer steps prune_start, prune_start + prune_every, ... and
-    at prune_end, like AdamWPrune's: the weights with the lowest scores among those still kept
-    are pruned until exactly k = target_count(s(t), N) are (ties by position; AdamWPrune's own
-    threshold routine, so exact and global the same way), and every pruned weight
-    is set to zero after every optimizer step. Keeps a bool mask per tensor (1 B per weight);
-    subclasses say how the weights of tensor i score (tensor_scores). FSDP2, DDP: as in AdamWPrune."""
-
-    def __init__(self, params, sparsity, prune_start, prune_end, prune_every, schedule=SCHEDULE, check_replicas=None):
-        self.params = [p for p in params if p.dim() >= 2]
+    def __init__(self, params, sparsity, prune_start, prune_end, prune_every, schedule=SCHEDULE,
+                 check_replicas=None):
+        self.group = dict(sparsity=sparsity, schedule=schedule, prune_start=prune_start, prune_end=prune_end,
+                          prune_every=prune_every, optimizer_step=0)  # AdamWPrune's param-group keys
+        self.params = [p for p in params if prunable(p, self.group)]
         self.masks = [torch.ones_like(local(p), dtype=torch.bool) for p in self.params]  # True = kept
-        self.shards = next((p.device_mesh.get_group() for p in self.params if hasattr(p, "device_mesh")), None)
-        self.sparsity, self.schedule, self.check_replicas = sparsity, schedule, check_replicas
-        self.prune_start, self.prune_end, self.prune_every = prune_start, prune_end, prune_every
-        self.optimizer_step = 0
+        self.check_replicas = check_replicas
+
+    @property
+    def optimizer_step(self):
+        return self.group["optimizer_step"]
 
     def observe(self):
         """Called after backward, before the optimizer step."""
@@ -465,23 +292,15 @@ class GradualPruning:
     @torch.no_grad()
     def step(self):
         """Called after every optimizer step: update the masks when due, then zero pruned weights."""
-        self.optimizer_step = t = self.optimizer_step + 1
-        if self.prune_start <= t <= self.prune_end and (
-                (t - self.prune_start) % self.prune_every == 0 or t == self.prune_end):
-            target = scheduled_sparsity(t, self.sparsity, self.schedule, self.prune_start, self.prune_end)
-            self.update_masks(target)
+        self.group["optimizer_step"] += 1
+        if mask_update_due(self.optimizer_step, self.group) and self.params:
+            index = {p: i for i, p in enumerate(self.params)}  # tensors hash by identity
+            scores = lambda p: self.tensor_scores(index[p]).flatten().float().masked_fill(
+                ~self.masks[index[p]].flatten(), -math.inf)  # the pruned at -inf
+            prune_lowest(self.params, self.group, scores, lambda p, prune: self.masks[index[p]].logical_and_(
+                ~prune.view(self.masks[index[p]].shape)), check_replicas=self.check_replicas)
         for p, mask in zip(self.params, self.masks):
             local(p).mul_(mask)
-
-    def update_masks(self, target):
-        k = target_count(target, sum(p.numel() for p in self.params))  # p.numel(): the whole tensor
-        score_fns = [lambda i=i: self.tensor_scores(i).flatten().float().masked_fill(
-            ~self.masks[i].flatten(), -math.inf) for i in range(len(self.masks))]  # the pruned at -inf
-        found = lowest_k(score_fns, k, self.masks[0].device, group=self.shards) if self.masks else None
-        for i, prune in found[1] if found else []:
-            self.masks[i] &= ~prune.view(self.masks[i].shape)
-        if self.check_replicas is not None:  # DDP: AdamWPrune's check, that every replica found one threshold
-            check_replicas_agree(self.check_replicas, found[0] if found else math.nan, self.optimizer_step)
 
     def buffers(self):
         """The tensors this method keeps: for memory accounting, and all of its state but the clock."""
@@ -491,7 +310,7 @@ class GradualPruning:
         return {"optimizer_step": self.optimizer_step, "buffers": self.buffers()}
 
     def load_state_dict(self, state):
-        self.optimizer_step = state["optimizer_step"]
+        self.group["optimizer_step"] = state["optimizer_step"]
         for buffer, saved in zip(self.buffers(), state["buffers"]):
             buffer.copy_(saved)
 
@@ -506,13 +325,10 @@ class MagnitudePruning(GradualPruning):
 
 # Movement pruning: Sanh, Wolf & Rush 2020, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" (2005.07683)
 class MovementPruning(GradualPruning):
-    """Prunes the weights moving towards zero: score S = -sum over steps of dL/dW * W.
-
-    That is the paper's accumulated score (its S with the score learning rate folded away:
-    a constant factor does not change a top-k). Keeps a float32 score per weight (4 B) and the
-    mask (1 B); no copy of the initial weights, which the paper's method does not use (only
-    rewinding methods, such as lottery tickets, keep one). Unlike the paper's per-step top-k,
-    masks are monotone here, as for every method in this comparison."""
+    """Prunes the weights moving towards zero: score S = -sum over steps of dL/dW * W, the paper's
+    accumulated score (its score learning rate folded away: a constant does not change a top-k). Keeps a
+    float32 score (4 B) and the mask (1 B) per weight; no copy of the initial weights, which only rewinding
+    methods keep. Unlike the paper's per-step top-k, masks are monotone, as for every method here."""
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
@@ -536,7 +352,7 @@ def make_optimizer(config, model, total_steps):
     name, lr, params = config["optimizer"], config["lr"], list(model.parameters())
     weight_decay = OPTIMIZERS[name][1]
     scheduler = pruning = None
-    replicas = dist.group.WORLD if dist.is_initialized() and not config["fsdp"] else None  # DDP: masks checked
+    replicas = dist.group.WORLD if dist.is_initialized() and not config["fsdp"] else None  # DDP: checked
     schedule = {key: config[key] for key in ("prune_start", "prune_end", "prune_every")}
     if name == "sgd":  # Robbins & Monro 1951, with heavy-ball momentum (Polyak 1964)
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -549,7 +365,8 @@ def make_optimizer(config, model, total_steps):
     elif name == "adamwspam":
         optimizer = AdamWSPAM(params, lr=lr, weight_decay=weight_decay)
     else:
-        optimizer = AdamWPrune(params, lr=lr, weight_decay=weight_decay, sparsity=config["sparsity"], schedule=SCHEDULE,
+        optimizer = AdamWPrune(params, lr=lr, weight_decay=weight_decay, sparsity=config["sparsity"],
+                               schedule=SCHEDULE,
                                importance=config["importance"], check_replicas=replicas, **schedule)
     if config["lr_schedule"] == "cosine" or name == "adamwadv":  # stepped once per optimizer step
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -559,16 +376,72 @@ def make_optimizer(config, model, total_steps):
     return optimizer, scheduler, pruning
 
 
-# --- evaluate ---
+# --- the loop: one epoch, an evaluation, a whole run ---
+def train_epoch(state, data, epoch, show_progress=None):
+    """One epoch over `data`, shuffled (and augmented) by state.generator; (mean loss, accuracy %).
+    On a terminal one line updates in place (every half second: that reads the loss, a sync)."""
+    model, optimizer, config, (rank, ranks) = state.model, state.optimizer, state.config, rank_and_world()
+    show_progress = sys.stdout.isatty() if show_progress is None else show_progress
+    model.train()
+    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # this rank's
+    steps, seen = math.ceil(len(data) / config["batch_size"]), 0  # seen: this rank's images
+    start = last_shown = time.perf_counter()
+    buffers = state.pruning.buffers() if state.pruning else []
+    for i, (x, y) in enumerate(data.batches(config["batch_size"], state.generator, rank, ranks), 1):
+        t = state.step + 1  # this optimizer step; memory is measured every few steps and at mask updates
+        sample = t % state.monitor.every == 0 or config["pruning"] != "none" and mask_update_due(t, config)
+        with state.monitor.step(t, model, optimizer, buffers, sample=sample):
+            # 1) forward and backward: the mean loss of the whole batch, as DDP and FSDP2 average over ranks
+            with autocast(config):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, reduction="sum")  # over this rank's slice
+            optimizer.zero_grad(set_to_none=True)
+            (loss * ranks / min(config["batch_size"], len(data) - (i - 1) * config["batch_size"])).backward()
+            # 2) the update
+            update(config, model, optimizer, state.scheduler, state.pruning)
+        state.step += 1
+        # 3) bookkeeping, on the device until shown
+        loss_sum += loss.detach()
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if state.step % state.monitor.every == 0:
+            state.sparsity_timeline.append({"step": state.step, "sparsity": prunable_sparsity(model)})
+        now = time.perf_counter()
+        if show_progress and seen and (now - last_shown > 0.5 or i == steps):  # rank 0's slices
+            last_shown, elapsed = now, now - start
+            memory_bytes = state.monitor.timeline[-1]["step_peak_bytes"] if state.monitor.timeline else 0
+            print(f"\repoch {epoch}/{config['epochs']} [{i:>{len(str(steps))}}/{steps}] "
+                  f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:5.2f}% "
+                  f"{seen * ranks / elapsed:,.0f} "
+                  f"img/s ETA {elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}",
+                  end="", flush=True)
+    loss_sum, correct, seen = over_ranks([loss_sum, correct, seen], loss_sum.device)
+    return loss_sum / seen, 100.0 * correct / seen
+
+
+def update(config, model, optimizer, scheduler, pruning):
+    """A training step after backward: pruning scores see this step's gradients; masks act after the step."""
+    if pruning:
+        pruning.observe()
+    if config["optimizer"] == "adamwadv":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
+    optimizer.step()
+    if scheduler:
+        scheduler.step()
+    if pruning:
+        pruning.step()
+
+
 def autocast(config):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if config["amp"] == "bf16" else contextlib.nullcontext()
+    bf16 = config["amp"] == "bf16"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 @torch.no_grad()
 def evaluate(model, data, config):
     """(mean loss, accuracy in percent) over `data` (each rank evaluates its slices)."""
     model.eval()
-    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # on the device until read
+    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # read at the end
     for x, y in data.batches(EVAL_BATCH_SIZE, None, *rank_and_world()):
         with autocast(config):
             logits = model(x)
@@ -579,13 +452,88 @@ def evaluate(model, data, config):
 
 
 def prunable_sparsity(model):
-    """Fraction of exactly-zero weights in the prunable tensors (2+ dims): one ruler for every method."""
-    weights = [local(p) for p in model.parameters() if p.dim() >= 2]  # counted on each rank's shards (or replica)
-    zeros, n = over_ranks([sum((w == 0).sum() for w in weights), sum(w.numel() for w in weights)], weights[0].device)
+    """Fraction of exactly-zero weights in the prunable tensors: one ruler for every method."""
+    weights = [local(p) for p in model.parameters() if prunable(p, {})]  # each rank's shards (or replica)
+    zeros = sum((w == 0).sum() for w in weights)
+    zeros, n = over_ranks([zeros, sum(w.numel() for w in weights)], weights[0].device)
     return zeros / n
 
 
-# --- train ---
+def train(config):
+    """Train one configuration end to end (or on from its checkpoint); returns the results dict,
+    which is also written to <out>/results.json. A `--compare` runs this once per configuration."""
+    # 1) the data, model, optimizer and pruning method, seeded; on from the checkpoint with --resume
+    state, train_data, test_data = setup(config)
+    rank = rank_and_world()[0]
+    os.makedirs(config["out"], exist_ok=True)
+    name = f"checkpoint.rank{rank}.pt" if config["fsdp"] and rank else "checkpoint.pt"
+    path = os.path.join(config["out"], name)
+    if config["resume"]:
+        resume(state, path)
+    for epoch in range(state.epoch + 1, config["epochs"] + 1):
+        # 2) an epoch of training, then the test set
+        start = time.perf_counter()
+        train_loss, train_accuracy = train_epoch(state, train_data, epoch)
+        test_loss, test_accuracy = evaluate(state.model, test_data, config)
+        epoch_seconds = time.perf_counter() - start
+        # 3) its line, its history, and a checkpoint
+        state.wall_seconds += epoch_seconds
+        state.epoch, sparsity = epoch, prunable_sparsity(state.model)
+        state.history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+                              "test_loss": test_loss, "test_accuracy": test_accuracy, "sparsity": sparsity,
+                              "epoch_seconds": epoch_seconds})
+        print("\r\x1b[K" if sys.stdout.isatty() else "", end="")  # clear the progress line
+        print(f"epoch {epoch}/{config['epochs']} train loss {train_loss:.4f} acc {train_accuracy:5.2f}% | "
+              f"test loss {test_loss:.4f} acc {test_accuracy:5.2f}% | sparsity {sparsity:6.2%} | "
+              f"{epoch_seconds:.1f} s", flush=True)
+        if rank == 0 or config["fsdp"]:
+            save_checkpoint(state, path)
+    # 4) results.json and the pruned model
+    return write_results(state)
+
+
+# --- several processes: torchrun, DDP, FSDP2 ---
+# Under torchrun every rank takes its slice of each batch and calls what follows at the same points (an
+# empty slice too).
+def rank_and_world():
+    """(this process's rank, the number of processes), from torchrun's environment; (0, 1) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def join_processes(config):
+    """Join torchrun's processes, if several: gloo on the CPU, nccl on CUDA (then "cuda" is the local
+    rank's GPU)."""
+    if rank_and_world()[1] > 1:
+        cuda = torch.device(config["device"]).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def wrapped(model, config):
+    """The model to train: itself in one process, else a DDP replica or FSDP2 shards (each block, then
+    the root)."""
+    if rank_and_world()[1] == 1:
+        return model
+    if not config["fsdp"]:
+        # grads in its buckets
+        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    # torch's default: a GPU
+    mesh = dist.init_device_mesh(torch.device(config["device"]).type, (rank_and_world()[1],))
+    for block in model.stages if config["model"] == "resnet18" else model.children():  # BasicBlocks; layers
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def over_ranks(numbers, device, op=dist.ReduceOp.SUM):
+    """`numbers` (floats or 0-d tensors) summed over the processes (or reduced by `op`), as floats."""
+    values = torch.stack([torch.as_tensor(number, dtype=torch.float64, device=device) for number in numbers])
+    if dist.is_initialized():
+        dist.all_reduce(values, op=op)
+    return values.tolist()
+
+
+# --- checkpoints and results ---
 class TrainingState:
     """What changes while training, and so goes into a checkpoint."""
 
@@ -601,7 +549,8 @@ class TrainingState:
             "config": self.config, "epoch": self.epoch, "step": self.step, "wall_seconds": self.wall_seconds,
             "history": self.history, "sparsity_timeline": self.sparsity_timeline,
             "memory_timeline": self.monitor.timeline, "world_size": rank_and_world()[1],
-            "model": getattr(self.model, "module", self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": getattr(self.model, "module", self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "pruning": self.pruning.state_dict() if self.pruning else None,
             "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state(),
@@ -609,13 +558,17 @@ class TrainingState:
         }
 
     def read_checkpoint(self, path):
-        """(the dict in a checkpoint file, None), or ({}, what is wrong with the file: a line that names it)."""
+        """(the dict in a checkpoint file, None), or ({}, what is wrong with the file: a line that
+        names it)."""
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # on a damaged file torch raises UnpicklingError, RuntimeError, EOFError, even KeyError
+        # on a damaged file torch raises UnpicklingError, RuntimeError, EOFError, even KeyError
+        except Exception:
             return {}, f"{path} cannot be read (cut short, damaged, or no PyTorch file)"
         absent = [key for key in self.state_dict() if not isinstance(saved, dict) or key not in saved]
-        return (saved, None) if not absent else ({}, f"{path} is no train.py checkpoint: it lacks {', '.join(absent)}")
+        if absent:
+            return {}, f"{path} is no train.py checkpoint: it lacks {', '.join(absent)}"
+        return saved, None
 
     def load_state_dict(self, state):
         differences = config_differences(state["config"], self.config, ignored=("resume", "sparsities"))
@@ -637,66 +590,6 @@ class TrainingState:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def update(config, model, optimizer, scheduler, pruning):
-    """A training step after backward: pruning scores see this step's gradients; masks act after the step."""
-    if pruning:
-        pruning.observe()
-    if config["optimizer"] == "adamwadv":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
-    optimizer.step()
-    if scheduler:
-        scheduler.step()
-    if pruning:
-        pruning.step()
-
-
-def mask_update_due(config, step):
-    """Whether pruning masks change after this optimizer step (the schedule every method shares)."""
-    start, end, every = config["prune_start"], config["prune_end"], config["prune_every"]
-    return config["pruning"] != "none" and start <= step <= end and ((step - start) % every == 0 or step == end)
-
-
-def train(state, data, epoch, show_progress=None):
-    """One epoch over `data`, shuffled (and augmented) by state.generator; (mean loss, accuracy %).
-
-    On a terminal one line updates in place (every half second: that reads the loss, a sync)."""
-    model, optimizer, config, (rank, ranks) = state.model, state.optimizer, state.config, rank_and_world()
-    show_progress = sys.stdout.isatty() if show_progress is None else show_progress
-    model.train()
-    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # this rank's
-    steps, seen = math.ceil(len(data) / config["batch_size"]), 0  # seen: this rank's images
-    start = last_shown = time.perf_counter()
-    buffers = state.pruning.buffers() if state.pruning else []
-    for i, (x, y) in enumerate(data.batches(config["batch_size"], state.generator, rank, ranks), 1):
-        t = state.step + 1  # this optimizer step; memory is measured every few steps and at mask updates
-        with state.monitor.step(t, model, optimizer, buffers, sample=t % state.monitor.every == 0
-                                or mask_update_due(config, t)):
-            # 1) forward and backward: the mean loss of the whole batch, as DDP and FSDP2 average over ranks
-            with autocast(config):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, reduction="sum")  # over this rank's slice
-            optimizer.zero_grad(set_to_none=True)
-            (loss * ranks / min(config["batch_size"], len(data) - (i - 1) * config["batch_size"])).backward()
-            # 2) the update
-            update(config, model, optimizer, state.scheduler, state.pruning)
-        state.step += 1
-        # 3) bookkeeping, on the device until shown
-        loss_sum += loss.detach()
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if state.step % state.monitor.every == 0:
-            state.sparsity_timeline.append({"step": state.step, "sparsity": prunable_sparsity(model)})
-        now = time.perf_counter()
-        if show_progress and seen and (now - last_shown > 0.5 or i == steps):  # rank 0's slices, all ranks' speed
-            last_shown, elapsed = now, now - start
-            memory_bytes = state.monitor.timeline[-1]["step_peak_bytes"] if state.monitor.timeline else 0
-            print(f"\repoch {epoch}/{config['epochs']} [{i:>{len(str(steps))}}/{steps}] loss {loss_sum / seen:.4f} "
-                  f"acc {100.0 * correct / seen:5.2f}% {seen * ranks / elapsed:,.0f} img/s ETA "
-                  f"{elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}", end="", flush=True)
-    loss_sum, correct, seen = over_ranks([loss_sum, correct, seen], loss_sum.device)
-    return loss_sum / seen, 100.0 * correct / seen
-
-
 def save_checkpoint(state, path):
     plot.write_atomic(path, lambda f: torch.save(state.state_dict(), f), binary=True)
 
@@ -705,7 +598,8 @@ def setup(config):
     """(TrainingState, train data, test data) for a config, seeded."""
     device = torch.device(config["device"])
     train_data, test_data = load_data(config, device)
-    if len(train_data) != (expected := train_images(config)):  # the pruning schedule was laid out for `expected`
+    # the pruning schedule was laid out for `expected`
+    if len(train_data) != (expected := train_images(config)):
         raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(train_data)} training images, "
                        f"not {expected}: replace the files, or pass --limit {len(train_data)}")
     torch.manual_seed(config["seed"])
@@ -716,60 +610,53 @@ def setup(config):
     return TrainingState(config, model, optimizer, scheduler, pruning, monitor), train_data, test_data
 
 
-def run(config):
-    """Train one configuration end to end (or on from its checkpoint); returns the results dict,
-    which is also written to <out>/results.json. A `--compare` runs this once per configuration."""
-    state, train_data, test_data = setup(config)
-    (rank, ranks), device = rank_and_world(), torch.device(config["device"])
-    os.makedirs(config["out"], exist_ok=True)
-    path = os.path.join(config["out"], f"checkpoint.rank{rank}.pt" if config["fsdp"] and rank else "checkpoint.pt")
-    if config["resume"]:  # FSDP2: each rank its own shards; all check that their files hold one run, and stop alike
-        saved, damage = state.read_checkpoint(path) if os.path.exists(path) else ({}, None)  # none: fewer ranks made it
-        epoch, made_by, bad = saved.get("epoch", -1), saved.get("world_size", 1), (rank + 1) * bool(damage)
-        first, last, made_by, bad = map(int, over_ranks([-epoch, epoch, made_by, bad], device, dist.ReduceOp.MAX))
-        if bad:  # 1 + the highest rank with a damaged file: all stop, rank 0 naming its own file or that rank's
-            raise RunError(f"--resume: {damage or f'rank {bad - 1} cannot read checkpoint.rank{bad - 1}.pt'}: "
-                           "delete it and start afresh without --resume, or pass another --out")
-        if made_by != ranks:
-            raise RunError(f"--resume: the checkpoint was made by {made_by} process(es), this run has {ranks}: resume "
-                           f"with as many, e.g. torchrun --nproc-per-node {made_by} train.py and the same flags")
-        if -first != last:  # a stop while they were written
-            raise RunError(f"--resume: the ranks' checkpoints end at epochs {-first} to {last}: start in another --out")
-        state.load_state_dict(saved)
-        print(f"resumed from {path} after epoch {state.epoch}")
-    for epoch in range(state.epoch + 1, config["epochs"] + 1):
-        start = time.perf_counter()
-        train_loss, train_accuracy = train(state, train_data, epoch)
-        test_loss, test_accuracy = evaluate(state.model, test_data, config)
-        epoch_seconds = time.perf_counter() - start
-        state.wall_seconds += epoch_seconds
-        state.epoch, sparsity = epoch, prunable_sparsity(state.model)
-        state.history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                              "test_loss": test_loss, "test_accuracy": test_accuracy, "sparsity": sparsity,
-                              "epoch_seconds": epoch_seconds})
-        print("\r\x1b[K" if sys.stdout.isatty() else "", end="")  # clear the progress line
-        print(f"epoch {epoch}/{config['epochs']} train loss {train_loss:.4f} acc {train_accuracy:5.2f}% | "
-              f"test loss {test_loss:.4f} acc {test_accuracy:5.2f}% | sparsity {sparsity:6.2%} | "
-              f"{epoch_seconds:.1f} s", flush=True)
-        if rank == 0 or config["fsdp"]:
-            save_checkpoint(state, path)
+def resume(state, path):
+    """Load the run's checkpoint into `state`. FSDP2: each rank its own shards; all check that their files
+    hold one run, and stop alike."""
+    (rank, ranks), device = rank_and_world(), torch.device(state.config["device"])
+    # none: fewer ranks made it
+    saved, damage = state.read_checkpoint(path) if os.path.exists(path) else ({}, None)
+    epoch, made_by, bad = saved.get("epoch", -1), saved.get("world_size", 1), (rank + 1) * bool(damage)
+    first, last, made_by, bad = map(int, over_ranks([-epoch, epoch, made_by, bad], device, dist.ReduceOp.MAX))
+    if bad:  # 1 + the highest rank with a damaged file: all stop, rank 0 naming its own file or that rank's
+        raise RunError(f"--resume: {damage or f'rank {bad - 1} cannot read checkpoint.rank{bad - 1}.pt'}: "
+                       "delete it and start afresh without --resume, or pass another --out")
+    if made_by != ranks:
+        raise RunError(f"--resume: the checkpoint was made by {made_by} process(es), this run has {ranks}: "
+                       f"resume with as many, e.g. torchrun --nproc-per-node {made_by} train.py and the same "
+                       "flags")
+    if -first != last:  # a stop while they were written
+        raise RunError(f"--resume: the ranks' checkpoints end at epochs {-first} to {last}: "
+                       "start in another --out")
+    state.load_state_dict(saved)
+    print(f"resumed from {path} after epoch {state.epoch}")
+
+
+def write_results(state):
+    """The results of a finished run: written to <out>/results.json, with model.pruned.pt beside them."""
+    config, (rank, ranks), device = state.config, rank_and_world(), torch.device(state.config["device"])
     report = state.monitor.report()
     if ranks > 1:  # figures per rank: the largest over ranks
         keys = [key for key in ("peak_bytes", "mean_bytes", "process_peak_rss_bytes", "peak_reserved_bytes")
                 if report[key] is not None]  # peak reserved: CUDA only
-        report.update(zip(keys, map(round, over_ranks([report[key] for key in keys], device, dist.ReduceOp.MAX))),
+        largest = over_ranks([report[key] for key in keys], device, dist.ReduceOp.MAX)
+        report.update(zip(keys, map(round, largest)),
                       per_rank=f"{', '.join(keys)}: the largest of {ranks} ranks; timeline: rank 0's")
     results = {
-        "config": config, "history": state.history, "sparsity_timeline": state.sparsity_timeline, "memory": report,
+        "config": config, "history": state.history, "sparsity_timeline": state.sparsity_timeline,
+        "memory": report,
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": importlib.util.find_spec("torchvision") and importlib.metadata.version("torchvision"),
+            "torchvision": importlib.util.find_spec("torchvision")
+            and importlib.metadata.version("torchvision"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-            "world_size": ranks, "backend": dist.get_backend() if ranks > 1 else None, "sharded": config["fsdp"]},
-        "final": {"test_accuracy": state.history[-1]["test_accuracy"], "sparsity": prunable_sparsity(state.model),
-                  "peak_memory_bytes": report["peak_bytes"], "peak_reserved_bytes": report["peak_reserved_bytes"],
+            "world_size": ranks, "backend": dist.get_backend() if ranks > 1 else None,
+            "sharded": config["fsdp"]},
+        "final": {"test_accuracy": state.history[-1]["test_accuracy"],
+                  "sparsity": prunable_sparsity(state.model), "peak_memory_bytes": report["peak_bytes"],
+                  "peak_reserved_bytes": report["peak_reserved_bytes"],
                   "wall_seconds": state.wall_seconds},  # peak reserved: CUDA only (None on the CPU)
     }
     if config["pruning"] != "none":  # the pruned model, smaller on disk (FSDP2: gathered, on every rank)
@@ -778,15 +665,24 @@ def run(config):
         path = os.path.join(config["out"], "model.pruned.pt")
         if rank == 0:
             plot.write_atomic(path, lambda f: torch.save(compact_state_dict(weights), f), binary=True)
-            results["final"].update(pruned_file_bytes=os.path.getsize(path), dense_file_bytes=memory.saved_bytes(weights))
+            results["final"].update(pruned_file_bytes=os.path.getsize(path),
+                                    dense_file_bytes=memory.saved_bytes(weights))
     if rank == 0:
-        plot.write_atomic(os.path.join(config["out"], "results.json"), lambda f: json.dump(results, f, indent=1))
+        plot.write_atomic(os.path.join(config["out"], "results.json"),
+                          lambda f: json.dump(results, f, indent=1))
     if ranks > 1:
         dist.barrier()  # the others wait for the one writer
     return results
 
 
-# --- main ---
+def config_differences(old, new, ignored=()):
+    """The settings in which two configs differ, as flags: '--lr 0.001 there, 0.01 now, ...'."""
+    show = lambda value: "unset" if value is None else value
+    return ", ".join(f"--{key.replace('_', '-')} {show(old.get(key))} there, {show(new[key])} now"
+                     for key in new if key not in ignored and old.get(key) != new[key])
+
+
+# --- the comparison ---
 STUDY = [  # (row name, optimizer, pruning, importance): the original study's rows, then two references
     ("SGD + movement", "sgd", "movement", None),
     ("Adam + movement", "adam", "movement", None),
@@ -811,10 +707,12 @@ def comparison_runs(config):
                 continue
             row_sparsity = sparsity if pruning != "none" else 0.0
             tag = f"-{importance}" if config["ablation"] and importance else ""
-            out = os.path.join(config["out"], f"{config['model']}-{optimizer}-{pruning}{tag}-{row_sparsity:g}")
+            folder = f"{config['model']}-{optimizer}-{pruning}{tag}-{row_sparsity:g}"
+            out = os.path.join(config["out"], folder)
             row = {k: v for k, v in config.items() if k not in ("compare", "ablation", "plot", "sparsities")}
             runs.append((name, {**row, "optimizer": optimizer, "pruning": pruning, "sparsity": row_sparsity,
-                                "importance": importance or config["importance"], "lr": OPTIMIZERS[optimizer][0],
+                                "importance": importance or config["importance"],
+                                "lr": OPTIMIZERS[optimizer][0],
                                 "out": out, "resume": False}))
     return runs
 
@@ -822,32 +720,184 @@ def comparison_runs(config):
 def finished_results(config):
     """The results of a finished run of exactly this config, or None."""
     path = os.path.join(config["out"], "results.json")
-    results, ignored = plot.read_results(path), ("resume", "importance" if config["pruning"] != "state" else "")
-    if results and (differences := config_differences(results["config"], config, ignored)):  # importance: only in state
+    ignored = ("resume", "importance" if config["pruning"] != "state" else "")
+    results = plot.read_results(path)
+    # importance: only in state
+    if results and (differences := config_differences(results["config"], config, ignored)):
         raise RunError(f"{path} was made with other settings ({differences}): "
                        f"give the comparison another --out, or delete that directory")
     return results
 
 
 def compare(config):
-    """Run (or resume) every row, then write and print the table and plots; a damaged saved result stops it first."""
+    """Run (or resume) every row, then write and print the table and plots; a damaged saved result
+    stops it first."""
     out, rows = config["out"], []
     os.makedirs(out, exist_ok=True)
-    for name, row_config, results in [(name, row, finished_results(row)) for name, row in comparison_runs(config)]:
-        resume = os.path.exists(os.path.join(row_config["out"], "checkpoint.pt"))
-        doing = "done before, in" if results else "resuming in" if resume else "running in"
+    runs = [(name, row, finished_results(row)) for name, row in comparison_runs(config)]  # all read first
+    for name, row_config, results in runs:
+        resuming = os.path.exists(os.path.join(row_config["out"], "checkpoint.pt"))
+        doing = "done before, in" if results else "resuming in" if resuming else "running in"
         print(f"--- {name}, sparsity {row_config['sparsity']:.0%}: {doing} {row_config['out']}", flush=True)
-        results = results or run({**row_config, "resume": resume})
+        results = results or train({**row_config, "resume": resuming})
         rows.append(plot.comparison_row(name, row_config, results, out))
         if rank_and_world()[0] == 0:  # one writer
             plot.write_comparison(out, config, rows, results["environment"])
     if rank_and_world()[0] > 0:
         return rows
-    paths = plot.render_svgs(out)
-    print(plot.text_report(out) if config["plot"] == "text"  # the text plots end with the table
+    paths = plot.render_svgs(out) if config["plot"] != "text" else []
+    print(plot.text_report(out) if config["plot"] != "svg"  # the text plots end with the table
           else "\n".join(plot.table_lines(plot.load_comparison(out)[0]["rows"], plot.LABEL_COLUMNS)))
     print(f"comparison: {os.path.join(out, 'comparison.json')}, .csv and {len(paths)} SVG plots in {out}")
     return rows
+
+
+# --- the command line: flags, their defaults and the clashes between them ---
+def checked(convert, ok, rule):
+    """An argparse type: convert(text), kept when ok(value); otherwise argparse stops, quoting `rule`."""
+    def parse(text):
+        with contextlib.suppress(ValueError, RuntimeError):
+            if ok(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    return parse
+
+
+COUNT = checked(int, lambda n: n >= 1, "takes a whole number of at least 1")
+POSITIVE = checked(float, lambda x: x > 0, "takes a positive number")
+SPARSITIES = checked(lambda text: [float(s) for s in text.split(",")], lambda ss: all(0 <= s < 1 for s in ss),
+                     "takes a number in [0, 1), or a list like 0.5,0.7,0.9 with --compare")
+DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes auto, cpu, cuda or cuda:N")
+
+
+def parse_args(argv=None, writes=True):
+    """The command line as a config dict, every default resolved; bad input stops here. writes=False: for
+    callers that write nothing to --out (memory.py's benchmarks), a run already there is no reason to stop."""
+    p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
+    add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
+    add("--model", choices=("lenet5", "resnet18"), default="lenet5", help="network (default: lenet5)")
+    add("--dataset", choices=tuple(DATASETS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
+    add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune",
+        help="optimizer (default: adamwprune)")
+    add("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
+        "(default: state for adamwprune, none otherwise)")
+    add("--sparsity", type=SPARSITIES, metavar="S", help="final fraction of prunable weights (2+ dims) "
+        "pruned, in [0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps "
+        f"(default: {DEFAULT_SPARSITY} when pruning, else 0)")
+    add("--importance", choices=IMPORTANCES,
+        help=f"AdamWPrune's importance score (default: {DEFAULT_IMPORTANCE})")
+    add("--epochs", type=COUNT, metavar="N", help=f"epochs to train (default: {per_model(DEFAULT_EPOCHS)})")
+    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N",
+        help=f"global batch size (default: {BATCH_SIZE})")
+    add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
+        + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
+    add("--lr-schedule", choices=("constant", "cosine"), help="learning rate over the run: constant, or "
+        "cosine annealing to 0 at the last step; adamwadv is always cosine "
+        f"(default: {per_model(DEFAULT_LR_SCHEDULE)})")
+    add("--prune-start", type=int, metavar="STEP",
+        help="optimizer step where pruning starts "
+        f"(default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
+    add("--prune-end", type=int, metavar="STEP", help="optimizer step where the final sparsity is reached "
+        f"(default: {PRUNE_END_FRACTION * 100:.0f}%% of all steps)")
+    add("--prune-every", type=COUNT, metavar="STEPS",
+        help=f"optimizer steps between mask updates (default: 1/{PRUNE_UPDATES_PER_EPOCH} of an epoch)")
+    add("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
+    add("--device", type=DEVICE, default="auto",
+        help="cpu, cuda or cuda:N (default: auto: cuda if any, else cpu)")
+    add("--fsdp", action="store_true",
+        help="under torchrun: shard the model over the processes with FSDP2, not DDP")
+    add("--amp", choices=("none", "bf16"), default="none",
+        help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
+    add("--data-dir", default="./data", metavar="DIR",
+        help="where data sets are read or downloaded (default: ./data)")
+    add("--out", metavar="DIR", help="where results.json and checkpoint.pt go; a run there is continued with "
+        "--resume, never overwritten (default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
+    add("--resume", action="store_true", help="continue the run in --out (same flags as the stopped run)")
+    add("--limit", type=COUNT, metavar="N", help="use only the first N images of each split (default: all)")
+    add("--compare", action="store_true", help="run every optimizer/pruning pairing of the study on one seed "
+        "and schedule, write comparison.json, .csv and SVG plots to --out "
+        "(default: results/compare-<model>-<dataset>)")
+    add("--ablation", action="store_true",
+        help="with --compare: AdamWPrune with each importance score instead of the study's rows")
+    add("--plot", choices=("svg", "text", "both"), default="svg", help="with --compare, as plot.py's --plot: "
+        "svg writes the SVG plots and prints the table, text prints the text plots, both does both "
+        "(default: svg)")
+    add("--dry-run", action="store_true", help=f"one quick pass: 1 epoch of {DRY_RUN_BATCHES} batches, in "
+        "the default folder with -dry-run added, which the next dry run overwrites (default: off)")
+    args = p.parse_args(argv)
+    given = {f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v != p.get_default(k)}
+
+    # 1) every default, some following from other flags
+    adamwprune, compare = args.optimizer == "adamwprune", args.compare
+    args.pruning = args.pruning or ("state" if adamwprune else "none")
+    pruning = args.pruning != "none"
+    args.sparsities = args.sparsity or [DEFAULT_SPARSITY if pruning else 0.0]  # more than one: a sweep
+    args.sparsity = args.sparsities[0]
+    args.importance = args.importance or DEFAULT_IMPORTANCE
+    args.dataset = args.dataset or DEFAULT_DATASET[args.model]
+    args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
+    args.lr = args.lr or OPTIMIZERS[args.optimizer][0]
+    args.lr_schedule = args.lr_schedule or DEFAULT_LR_SCHEDULE[args.model]
+    if args.dry_run:
+        args.epochs, args.limit = 1, min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    epoch_steps = steps_per_epoch(vars(args))
+    total_steps = args.epochs * epoch_steps
+    if args.prune_start is None:  # the pruning schedule, in optimizer steps
+        args.prune_start = round(PRUNE_START_FRACTION * total_steps)
+    if args.prune_end is None:
+        args.prune_end = max(args.prune_start, round(PRUNE_END_FRACTION * total_steps))
+    args.prune_every = args.prune_every or max(1, epoch_steps // PRUNE_UPDATES_PER_EPOCH)
+    folder = (f"{'ablation' if args.ablation else 'compare'}-{args.model}-{args.dataset}" if compare
+              else f"{args.model}-{args.optimizer}-{args.pruning}-{args.sparsity:g}")
+    args.out = args.out or os.path.join("results", folder + ("-dry-run" if args.dry_run else ""))
+    found = [name for name in ("checkpoint.pt", "results.json")
+             if os.path.exists(os.path.join(args.out, name))]
+
+    # 2) flags that do not fit together: the first clash stops here, saying how to fix it
+    compare_drops = sorted(given & {"--optimizer", "--pruning", "--lr", "--resume"})
+    schedule_flags = sorted(given & {"--prune-start", "--prune-end", "--prune-every"})
+    cuda, world = torch.device(args.device).type == "cuda", rank_and_world()[1]
+    clashes = [
+        (compare and compare_drops, "--compare runs every optimizer and pruning method with its default "
+                                    f"learning rate and resumes by itself: drop {', '.join(compare_drops)}"),
+        (not compare and given & {"--ablation", "--plot"},
+         "--ablation and --plot shape a comparison: add --compare"),
+        (compare and 0 in args.sparsities, "--sparsity must be in (0, 1) for a comparison, got 0"),
+        (not compare and len(args.sparsities) > 1, "several --sparsity values make a sweep: add --compare"),
+        (args.pruning == "state" and not adamwprune, "--pruning state ranks weights by AdamWPrune's own "
+         f"moments: use --optimizer adamwprune, or prune {args.optimizer} with --pruning magnitude or "
+         "movement"),
+        (adamwprune and args.pruning not in ("state", "none"), "--optimizer adamwprune prunes by itself: use "
+         f"--pruning state (or none for a dense run); --pruning {args.pruning} is for the other optimizers"),
+        ("--importance" in given and args.pruning != "state",
+         "--importance picks AdamWPrune's score: it needs --optimizer adamwprune --pruning state"),
+        (not pruning and args.sparsity > 0, "--sparsity needs a pruning method: add --pruning magnitude or "
+                                            "movement (or use --optimizer adamwprune)"),
+        (not pruning and schedule_flags, f"{', '.join(schedule_flags)} set a pruning schedule: add --pruning "
+                                         "(or use --optimizer adamwprune)"),
+        (cuda and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here; use --device cpu"),
+        (args.amp == "bf16" and not cuda,
+         "--amp bf16 runs on CUDA only: use --device cuda, or --amp none on the CPU"),
+        (not 0 <= args.prune_start <= args.prune_end <= total_steps,
+         f"need 0 <= --prune-start ({args.prune_start}) <= --prune-end ({args.prune_end}) <= the run's "
+         f"{total_steps} optimizer steps ({args.epochs} epochs x {epoch_steps})"),
+        (args.batch_size % world, "--batch-size is the global batch, split evenly over the "
+         f"{world} processes: use a multiple of {world}, such as "
+         f"{max(world, args.batch_size // world * world)}"),
+        (args.fsdp and world == 1,
+         "--fsdp needs several processes: torchrun --nproc-per-node 2 train.py --fsdp"),
+        (args.resume and "checkpoint.pt" not in found,
+         f"--resume: no checkpoint in {args.out}; run without --resume to start"),
+        (writes and found and not (args.resume or compare or (args.dry_run and "--out" not in given)),
+         f"{args.out} holds a run already ({' and '.join(found)}): add --resume to continue it, "
+         "pass another --out, or delete that folder"),
+    ]
+    for clash, message in clashes:
+        if clash:
+            p.error(message)
+    return vars(args)
 
 
 def main(argv=None):
@@ -857,20 +907,23 @@ def main(argv=None):
         with contextlib.redirect_stdout(open(os.devnull, "w") if rank else sys.stdout):  # one writer: rank 0
             if config["compare"]:
                 return compare(config)
-            final = run(config)["final"]
+            final = train(config)["final"]
             reserved = final["peak_reserved_bytes"] and memory.format_bytes(final["peak_reserved_bytes"])
-            print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: test accuracy "
-                  f"{final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, peak memory "
-                  f"{memory.format_bytes(final['peak_memory_bytes'])}{f' ({reserved} reserved)' if reserved else ''}"
+            print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: "
+                  f"test accuracy {final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, "
+                  "peak memory "
+                  f"{memory.format_bytes(final['peak_memory_bytes'])}"
+                  f"{f' ({reserved} reserved)' if reserved else ''}"
                   f"{' per rank' if rank_and_world()[1] > 1 else ''}, "
                   f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}"
-                  + (f"; model.pruned.pt {final['pruned_file_bytes'] / final['dense_file_bytes']:.2f}x the dense "
-                     "state_dict" if "pruned_file_bytes" in final else ""))
+                  + (f"; model.pruned.pt {final['pruned_file_bytes'] / final['dense_file_bytes']:.2f}x the "
+                     "dense state_dict" if "pruned_file_bytes" in final else ""))
     except (RunError, plot.PlotInputError) as error:  # PlotInputError: a results.json that cannot be read
         sys.exit(f"error: {error}" if rank == 0 else 1)
     except KeyboardInterrupt:
         again = "run the same command again" if config["compare"] else "add --resume to the same command"
-        sys.exit(f"\nstopped: finished epochs are saved in {config['out']}; {again} to continue" if rank == 0 else 1)
+        stopped = f"\nstopped: finished epochs are saved in {config['out']}; {again} to continue"
+        sys.exit(stopped if rank == 0 else 1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
