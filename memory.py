@@ -503,7 +503,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: the benchmark measures cpu or cuda only")
     models = ["lenet5", "resnet18"] if args.model == "all" else [args.model]
     if args.pruned_model:
         for model_name in models:

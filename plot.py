@@ -18,6 +18,7 @@ comparison.json and .csv are written here as well as read (write_comparison, cal
 import argparse
 import contextlib
 import csv
+import fcntl
 import html
 import json
 import math
@@ -97,6 +98,47 @@ class WriteError(Exception):
     """A result file that could not be written; the file that was there is untouched."""
 
 
+@contextlib.contextmanager
+def claimed(out):
+    """While inside: the folder `out` exists, files can be written in it, and this process holds an OS
+    lock on it (one run per folder; a killed run's lock goes with it). A folder made here and still
+    empty at the end is removed again."""
+    made = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+        lock = os.open(out, os.O_RDONLY)
+    except OSError as error:
+        raise FolderError(f"cannot write in --out {out}: {(error.strerror or str(error)).lower()}; "
+                          "pass another --out") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        inode, holder = f":{os.stat(out).st_ino} ", "another process"
+        with contextlib.suppress(OSError):  # Linux names it in /proc/locks: "1: FLOCK ... PID 08:01:INODE ..."
+            holder = next((f"process {line.split()[4]}" for line in open("/proc/locks")
+                           if " FLOCK " in line and inode in line), holder)
+        raise FolderError(f"{out} is in use by another run ({holder}): wait for it to end, or pass another "
+                          "--out") from None
+    try:
+        yield
+    finally:
+        os.close(lock)
+        if made:
+            with contextlib.suppress(OSError):  # rmdir removes only an empty folder
+                os.rmdir(out)
+
+
+class FolderError(Exception):
+    """A results folder that cannot be written, or that another run is using."""
+
+
+def finite_json(results):
+    """`results` as JSON text, null where a number is nan or infinite (which JSON cannot hold)."""
+    return json.dumps(json.loads(json.dumps(results), parse_constant=lambda _: None), indent=1)
+
+
 def comparison_row(name, config, results, results_dir):
     """A row of comparison.json: one run's config and results.json, with paths relative to results_dir."""
     final, memory_report = results["final"], results["memory"]
@@ -117,7 +159,7 @@ def write_comparison(results_dir, config, rows, environment):
     comparison = {"model": config["model"], "dataset": config["dataset"], "epochs": config["epochs"],
                   "seed": config["seed"], "sparsities": config["sparsities"], "environment": environment,
                   "rows": rows}
-    write_atomic(os.path.join(results_dir, "comparison.json"), lambda f: json.dump(comparison, f, indent=1))
+    write_atomic(os.path.join(results_dir, "comparison.json"), lambda f: f.write(finite_json(comparison)))
 
     def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

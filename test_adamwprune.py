@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -1242,6 +1243,8 @@ def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeyp
     (["--epochs", "0"], "--epochs: takes a whole number of at least 1, got '0'"),
     (["--batch-size", "x"], "--batch-size: takes a whole number of at least 1, got 'x'"),
     (["--lr", "-1"], "--lr: takes a positive number"),
+    (["--lr", "inf"], "--lr: takes a positive number (not inf or nan), got 'inf'"),  # was: a diverged run, exit 0
+    (["--lr", "nan"], "--lr: takes a positive number (not inf or nan), got 'nan'"),
     (["--device", "gpu0"], "--device: takes auto, cpu, cuda or cuda:N, got 'gpu0'"),
     (["--device", "cpu", "--amp", "bf16"], "--amp bf16 runs on CUDA only"),
     (["--resume", "--out", "/nonexistent/run"], "no checkpoint"),
@@ -1678,12 +1681,182 @@ def test_a_comparison_refuses_rows_made_with_other_settings(tiny_data, tmp_path)
 
 
 def test_ctrl_c_stops_with_one_line_saying_how_to_continue(tiny_data, tmp_path, monkeypatch):
-    def interrupted(config):
+    real_save = train.save_checkpoint
+
+    def save_then_interrupted(state, path):  # Ctrl-C after the first epoch was saved
+        real_save(state, path)
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "train", interrupted)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_interrupted)
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(tiny_data, tmp_path))
     assert "stopped" in str(exit_info.value.code) and "--resume" in str(exit_info.value.code)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_is_saved(tiny_data, tmp_path, monkeypatch):
+    def interrupted_while_writing(state, path):  # was: "finished epochs are saved" when none were
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", interrupted_while_writing)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tiny_data, tmp_path))
+    message = str(exit_info.value.code)
+    assert "stopped before the first epoch was saved" in message and "--resume" not in message
+
+
+def test_sigterm_stops_a_run_with_the_same_stopped_line_as_ctrl_c(tiny_data, tmp_path):
+    run = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
+                            *tiny_args(tiny_data, tmp_path, "--epochs", "200")], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "checkpoint.pt").exists() and run.poll() is None:
+        time.sleep(0.1)
+    run.terminate()  # was: killed without a word
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 1 and "stopped: finished epochs are saved" in err and "--resume" in err
+
+# --- faults a user hits: two runs in one folder, a full disk, a diverged run, a moved folder ---
+
+def test_a_second_run_in_a_folder_in_use_stops_at_once_naming_the_process(tiny_data, tmp_path, capsys):
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
+                              *tiny_args(tiny_data, tmp_path, "--epochs", "8", "--seed", "1")], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "checkpoint.pt").exists() and first.poll() is None:
+        time.sleep(0.1)
+    message = one_line_exit(capsys, lambda: train.main(tiny_args(tiny_data, tmp_path, "--seed", "2", "--resume")))
+    assert message == f"error: {tmp_path} is in use by another run (process {first.pid}): wait for it to end, " \
+                      "or pass another --out"
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    with open(tmp_path / "results.json") as f:  # was: the other run's numbers, or a crash
+        results = json.load(f)
+    assert results["config"]["seed"] == 1 and len(results["history"]) == 8
+    tiny_run(tiny_data, tmp_path / "next", "--epochs", "1")  # the lock went with the process
+
+
+@pytest.mark.parametrize("out", ["a regular file", "a folder that cannot be written"])
+def test_an_out_that_cannot_be_written_stops_before_the_data_is_read(tmp_path, capsys, out):
+    if out == "a regular file":
+        path = tmp_path / "results"
+        path.write_text("not a folder")
+    else:
+        path = tmp_path / "read-only" / "run"
+        path.parent.mkdir()
+        subprocess.run(["chattr", "+i", str(path.parent)], capture_output=True)  # immutable: even root cannot write
+        if os.access(path.parent, os.W_OK) and subprocess.run(["lsattr", "-d", str(path.parent)], capture_output=True,
+                                                              text=True).stdout[:20].count("i") == 0:
+            path.parent.chmod(0o500)
+            if os.geteuid() == 0:
+                pytest.skip("root writes anywhere here and chattr +i is not available")
+    try:  # a --data-dir without data: the error must come from --out, before any data is looked for
+        message = one_line_exit(capsys, lambda: train.main(["--data-dir", str(tmp_path / "no-data"), "--out",
+                                                            str(path)]))
+    finally:
+        subprocess.run(["chattr", "-i", str(path.parent)], capture_output=True)
+        path.parent.chmod(0o700)
+    assert message.startswith(f"error: cannot write in --out {path}: ") and message.endswith("pass another --out")
+
+
+def mounted_tmpfs(folder, size):
+    """A tmpfs of `size` mounted at `folder`, or None where this machine does not allow it."""
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                           capture_output=True).returncode:
+        return None
+    return folder
+
+
+def test_a_full_disk_is_one_line_the_temporary_file_goes_and_resume_continues(tiny_data, tmp_path, monkeypatch,
+                                                                              capsys):
+    disk = mounted_tmpfs(tmp_path / "disk", "1100k")  # one LeNet-5 checkpoint fits, a second beside it does not
+    out = (disk or tmp_path / "disk") / "run"
+    if disk is None:  # no tmpfs here (not root, or no mount): the second checkpoint's write fails as a full one does
+        real_save, saves = torch.save, []
+
+        def save_on_a_full_disk(obj, f, *args, **kwargs):
+            saves.append(1)
+            if len(saves) == 2:
+                f.write(b"part of a checkpoint")
+                raise RuntimeError("unexpected pos") from OSError(28, "No space left on device")
+            return real_save(obj, f, *args, **kwargs)
+        monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    try:
+        message = one_line_exit(capsys, lambda: train.main(tiny_args(tiny_data, out, "--optimizer", "adamw")))
+        assert message.startswith(f"error: cannot write {out / 'checkpoint.pt'}: no space left on device; ")
+        assert "make room, then add --resume to the same command to continue" in message
+        assert sorted(os.listdir(out)) == ["checkpoint.pt"]  # was: a .tmp file that kept the disk full
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the earlier one, whole
+        monkeypatch.undo()
+        shutil.copytree(out, tmp_path / "roomy")  # there is room now
+    finally:
+        if disk:
+            subprocess.run(["umount", str(disk)], check=True)
+    results = tiny_run(tiny_data, tmp_path / "roomy", "--optimizer", "adamw", "--resume")
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "sgd", "--lr", "1e6"], ["--optimizer", "adamw", "--lr", "1e6"]])
+def test_a_diverged_run_stops_with_one_line_and_a_non_zero_exit(tiny_data, tmp_path, capsys, flags):
+    message = one_line_exit(capsys, lambda: train.main(tiny_args(tiny_data, tmp_path, *flags)))
+    assert re.fullmatch(r"error: the training loss is (nan|inf) from step \d+ \(epoch 1\) on: the run diverged; "
+                        r"lower --lr \(it is 1e\+06\)\. Earlier checkpoints stay", message), message
+    assert not os.path.exists(tmp_path / "results.json")  # was: exit 0, 10% accuracy and NaN in results.json
+
+
+def test_results_json_holds_null_where_a_number_is_not_finite():
+    text = plot.finite_json({"loss": math.nan, "history": [{"a": math.inf, "b": -math.inf, "c": 1.5}]})
+    assert json.loads(text) == {"loss": None, "history": [{"a": None, "b": None, "c": 1.5}]}
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+
+def test_a_moved_folder_resumes_by_its_new_name_with_a_trailing_slash_or_a_relative_path(tiny_data, tmp_path,
+                                                                                         monkeypatch):
+    real_save = train.save_checkpoint
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(tiny_data, tmp_path / "run", "--epochs", "3"))
+    monkeypatch.undo()
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # was: "made with other settings (--out ...)"
+    monkeypatch.chdir(tmp_path)
+    results = tiny_run(tiny_data, "moved/", "--epochs", "3", "--resume")
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_version_ran(tiny_data, tmp_path, monkeypatch):
+    real_save = train.save_checkpoint
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(tiny_data, tmp_path, "--epochs", "2"))
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key in ("lr_schedule", "fsdp"):  # settings train.py gained later: that version ran constant, unsharded
+        del saved["config"][key]
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    results = tiny_run(tiny_data, tmp_path, "--epochs", "2", "--resume")  # was: "--lr-schedule unset there"
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+
+
+def test_images_and_labels_files_of_different_lengths_stop_with_one_line(tiny_data, tmp_path, capsys):
+    data = tmp_path / "MNIST" / "raw"
+    shutil.copytree(os.path.join(tiny_data, "MNIST", "raw"), data)
+    images = train.read_idx(str(data / "train-images-idx3-ubyte.gz"))[:100]  # 100 images beside 512 labels
+    write_idx(data / "train-images-idx3-ubyte.gz", images)
+    message = one_line_exit(capsys, lambda: train.main(tiny_args(str(tmp_path), tmp_path / "run")))
+    assert message == (f"error: mnist in {tmp_path}: its training images file holds 100 images, its labels file "
+                       f"{TINY_TRAIN}: re-copy them")  # was: IndexError
+
+
+@pytest.mark.parametrize("device, complaint", [("foo", "--device foo: not a device; use cpu, cuda or cuda:N"),
+                                               ("meta", "--device meta: the benchmark measures cpu or cuda only")])
+def test_memory_py_refuses_a_device_it_cannot_measure_with_one_line(capsys, device, complaint):
+    with pytest.raises(SystemExit) as exit_info:  # was: a traceback
+        memory.main(["--device", device])
+    assert exit_info.value.code == 2 and complaint in capsys.readouterr().err
+
 
 # --- damaged files: one line that names the file, what is wrong with it and what to do; nothing touched ---
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 
@@ -52,8 +53,7 @@ DATASETS = {  # mean and std: per channel, of the training images scaled to [0, 
 SYSTEM_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist
 DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10"}  # Fashion-MNIST: offline too (Debian)
 DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50}  # resnet18: not measured on this project's CPU machines
-# cosine: SGDR's (Loshchilov & Hutter 2017)
-DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine"}
+DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine"}  # cosine: SGDR (Loshchilov & Hutter 2017)
 OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in README.md
     "sgd": (0.03, 5e-4),  # momentum 0.9, L2 decay in the gradient
     "adam": (1e-3, 0.0),
@@ -116,9 +116,8 @@ def torchvision_download(name, data_dir):
     cls = getattr(torchvision.datasets, DATASETS[name].torchvision)
     splits = []
     for train in (True, False):
-        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-        with quiet[0], quiet[1]:  # once there, torchvision reads its files and downloads nothing
-            dataset = cls(data_dir, train=train, download=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            dataset = cls(data_dir, train=train, download=True)  # quiet; once there, it downloads nothing
         images = torch.as_tensor(dataset.data)
         images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)  # (N, C, H, W)
         splits += [images.contiguous(), torch.as_tensor(dataset.targets)]
@@ -387,6 +386,7 @@ def train_epoch(state, data, epoch, show_progress=None):
     steps, seen = math.ceil(len(data) / config["batch_size"]), 0  # seen: this rank's images
     start = last_shown = time.perf_counter()
     buffers = state.pruning.buffers() if state.pruning else []
+    first_bad = torch.zeros((), dtype=torch.float64, device=data.labels.device)  # step of a nan/inf loss
     for i, (x, y) in enumerate(data.batches(config["batch_size"], state.generator, rank, ranks), 1):
         t = state.step + 1  # this optimizer step; memory is measured every few steps and at mask updates
         sample = t % state.monitor.every == 0 or config["pruning"] != "none" and mask_update_due(t, config)
@@ -401,6 +401,7 @@ def train_epoch(state, data, epoch, show_progress=None):
             update(config, model, optimizer, state.scheduler, state.pruning)
         state.step += 1
         # 3) bookkeeping, on the device until shown
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), state.step, first_bad)
         loss_sum += loss.detach()
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -416,6 +417,9 @@ def train_epoch(state, data, epoch, show_progress=None):
                   f"img/s ETA {elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}",
                   end="", flush=True)
     loss_sum, correct, seen = over_ranks([loss_sum, correct, seen], loss_sum.device)
+    if bad_step := int(over_ranks([first_bad], first_bad.device, dist.ReduceOp.MAX)[0]):
+        raise RunError(f"the training loss is {loss_sum / seen} from step {bad_step} (epoch {epoch}) on: the "
+                       f"run diverged; lower --lr (it is {config['lr']:g}). Earlier checkpoints stay")
     return loss_sum / seen, 100.0 * correct / seen
 
 
@@ -493,8 +497,7 @@ def train(config):
 
 
 # --- several processes: torchrun, DDP, FSDP2 ---
-# Under torchrun every rank takes its slice of each batch and calls what follows at the same points (an
-# empty slice too).
+# Under torchrun every rank takes its slice of each batch, and calls what follows at the same points.
 def rank_and_world():
     """(this process's rank, the number of processes), from torchrun's environment; (0, 1) without it."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -516,10 +519,8 @@ def wrapped(model, config):
     if rank_and_world()[1] == 1:
         return model
     if not config["fsdp"]:
-        # grads in its buckets
-        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-    # torch's default: a GPU
-    mesh = dist.init_device_mesh(torch.device(config["device"]).type, (rank_and_world()[1],))
+        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # in buckets
+    mesh = dist.init_device_mesh(torch.device(config["device"]).type, (rank_and_world()[1],))  # run's device
     for block in model.stages if config["model"] == "resnet18" else model.children():  # BasicBlocks; layers
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -562,8 +563,7 @@ class TrainingState:
         names it)."""
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        # on a damaged file torch raises UnpicklingError, RuntimeError, EOFError, even KeyError
-        except Exception:
+        except Exception:  # on a damaged file: UnpicklingError, RuntimeError, EOFError, even KeyError
             return {}, f"{path} cannot be read (cut short, damaged, or no PyTorch file)"
         absent = [key for key in self.state_dict() if not isinstance(saved, dict) or key not in saved]
         if absent:
@@ -571,8 +571,8 @@ class TrainingState:
         return saved, None
 
     def load_state_dict(self, state):
-        differences = config_differences(state["config"], self.config, ignored=("resume", "sparsities"))
-        if differences:  # ("sparsities" repeats --sparsity)
+        ignored = ("resume", "sparsities", "out")  # sparsities repeats --sparsity; the folder may have moved
+        if differences := config_differences(state["config"], self.config, ignored):
             raise RunError(f"--resume: the checkpoint was made with other settings ({differences}); "
                            "resume with the same flags, or start afresh with another --out")
         self.epoch, self.step, self.wall_seconds = state["epoch"], state["step"], state["wall_seconds"]
@@ -598,8 +598,11 @@ def setup(config):
     """(TrainingState, train data, test data) for a config, seeded."""
     device = torch.device(config["device"])
     train_data, test_data = load_data(config, device)
-    # the pruning schedule was laid out for `expected`
-    if len(train_data) != (expected := train_images(config)):
+    for split, data in (("training", train_data), ("test", test_data)):
+        if len(data.images) != len(data.labels):
+            raise RunError(f"{config['dataset']} in {config['data_dir']}: its {split} images file holds "
+                           f"{len(data.images)} images, its labels file {len(data.labels)}: re-copy them")
+    if len(train_data) != (expected := train_images(config)):  # the pruning schedule was laid out for it
         raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(train_data)} training images, "
                        f"not {expected}: replace the files, or pass --limit {len(train_data)}")
     torch.manual_seed(config["seed"])
@@ -611,11 +614,9 @@ def setup(config):
 
 
 def resume(state, path):
-    """Load the run's checkpoint into `state`. FSDP2: each rank its own shards; all check that their files
-    hold one run, and stop alike."""
+    """The run's checkpoint into `state` (FSDP2: each rank its shards; all check they hold one run)."""
     (rank, ranks), device = rank_and_world(), torch.device(state.config["device"])
-    # none: fewer ranks made it
-    saved, damage = state.read_checkpoint(path) if os.path.exists(path) else ({}, None)
+    saved, damage = state.read_checkpoint(path) if os.path.exists(path) else ({}, None)  # none: fewer ranks
     epoch, made_by, bad = saved.get("epoch", -1), saved.get("world_size", 1), (rank + 1) * bool(damage)
     first, last, made_by, bad = map(int, over_ranks([-epoch, epoch, made_by, bad], device, dist.ReduceOp.MAX))
     if bad:  # 1 + the highest rank with a damaged file: all stop, rank 0 naming its own file or that rank's
@@ -669,14 +670,19 @@ def write_results(state):
                                     dense_file_bytes=memory.saved_bytes(weights))
     if rank == 0:
         plot.write_atomic(os.path.join(config["out"], "results.json"),
-                          lambda f: json.dump(results, f, indent=1))
+                          lambda f: f.write(plot.finite_json(results)))
     if ranks > 1:
         dist.barrier()  # the others wait for the one writer
     return results
 
 
+BEFORE_FLAG = {"fsdp": False, "lr_schedule": "constant"}  # what train.py did before these settings existed
+
+
 def config_differences(old, new, ignored=()):
-    """The settings in which two configs differ, as flags: '--lr 0.001 there, 0.01 now, ...'."""
+    """The settings in which two configs differ, as flags: '--lr 0.001 there, 0.01 now, ...'. A setting
+    that an older train.py's config lacks counts as what that version did (BEFORE_FLAG)."""
+    old = {**BEFORE_FLAG, **old}
     show = lambda value: "unset" if value is None else value
     return ", ".join(f"--{key.replace('_', '-')} {show(old.get(key))} there, {show(new[key])} now"
                      for key in new if key not in ignored and old.get(key) != new[key])
@@ -720,9 +726,8 @@ def comparison_runs(config):
 def finished_results(config):
     """The results of a finished run of exactly this config, or None."""
     path = os.path.join(config["out"], "results.json")
-    ignored = ("resume", "importance" if config["pruning"] != "state" else "")
-    results = plot.read_results(path)
-    # importance: only in state
+    ignored = ("resume", "out", "importance" if config["pruning"] != "state" else "")
+    results = plot.read_results(path)  # (importance: only in state)
     if results and (differences := config_differences(results["config"], config, ignored)):
         raise RunError(f"{path} was made with other settings ({differences}): "
                        f"give the comparison another --out, or delete that directory")
@@ -764,7 +769,7 @@ def checked(convert, ok, rule):
 
 
 COUNT = checked(int, lambda n: n >= 1, "takes a whole number of at least 1")
-POSITIVE = checked(float, lambda x: x > 0, "takes a positive number")
+POSITIVE = checked(float, lambda x: 0 < x < math.inf, "takes a positive number (not inf or nan)")
 SPARSITIES = checked(lambda text: [float(s) for s in text.split(",")], lambda ss: all(0 <= s < 1 for s in ss),
                      "takes a number in [0, 1), or a list like 0.5,0.7,0.9 with --compare")
 DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes auto, cpu, cuda or cuda:N")
@@ -903,8 +908,11 @@ def parse_args(argv=None, writes=True):
 def main(argv=None):
     config, rank = parse_args(argv), rank_and_world()[0]
     join_processes(config)
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    again = "run the same command again" if config["compare"] else "add --resume to the same command"
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w") if rank else sys.stdout):  # one writer: rank 0
+        one_run = plot.claimed(config["out"]) if rank == 0 else contextlib.nullcontext()  # process 0 holds it
+        with one_run, contextlib.redirect_stdout(open(os.devnull, "w") if rank else sys.stdout):  # one writer
             if config["compare"]:
                 return compare(config)
             final = train(config)["final"]
@@ -918,13 +926,20 @@ def main(argv=None):
                   f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}"
                   + (f"; model.pruned.pt {final['pruned_file_bytes'] / final['dense_file_bytes']:.2f}x the "
                      "dense state_dict" if "pruned_file_bytes" in final else ""))
-    except (RunError, plot.PlotInputError) as error:  # PlotInputError: a results.json that cannot be read
+    except (RunError, plot.PlotInputError, plot.FolderError) as error:  # PlotInputError: a bad results.json
         sys.exit(f"error: {error}" if rank == 0 else 1)
+    except plot.WriteError as error:  # a full disk, say: the file that was there stays
+        sys.exit(f"error: {error}; the earlier files in {config['out']} are intact: make room, then {again} "
+                 "to continue" if rank == 0 else 1)
     except KeyboardInterrupt:
-        again = "run the same command again" if config["compare"] else "add --resume to the same command"
-        stopped = f"\nstopped: finished epochs are saved in {config['out']}; {again} to continue"
+        saved = config["compare"] or os.path.isdir(config["out"]) and any(
+            name.startswith("checkpoint") and name.endswith(".pt") for name in os.listdir(config["out"]))
+        stopped = (f"\nstopped: finished epochs are saved in {config['out']}; {again} to continue" if saved
+                   else f"\nstopped before the first epoch was saved: nothing in {config['out']} to "
+                   "resume; run the same command to start")
         sys.exit(stopped if rank == 0 else 1)
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         if dist.is_initialized():
             dist.destroy_process_group()
 
