@@ -336,6 +336,24 @@ def test_mask_updates_are_due_on_the_grid_from_prune_start_and_at_prune_end():
     assert [c for c in range(40) if mask_update_due(c, group)] == [10, 14, 18, 22, 25]
     assert not any(mask_update_due(c, {**group, "sparsity": 0.0}) for c in range(40))
 
+def test_pruned_weights_rank_below_kept_weights_that_score_zero():
+    """Pruned weights score -inf, not 0: kept weights whose m = v = 0 (no gradient yet) score exactly 0."""
+    layer = nn.Linear(10, 10, bias=False)
+    opt = AdamWPrune(layer.parameters(), sparsity=0.3, prune_start=0, prune_end=2, prune_every=1)
+    random_grads(layer.parameters(), 0)
+    opt.step()  # step 1: cubic, 26 of 100 pruned (dense form: v = +inf)
+    assert zeros_fraction([layer.weight]) == 0.26
+    kept_early = [i for i in range(100) if layer.weight.view(-1)[i] != 0][:10]
+    state = opt.state[layer.weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key].view(-1)[kept_early] = 0.0  # as if they never had a gradient: they score 0
+    random_grads(layer.parameters(), 1)
+    layer.weight.grad.view(-1)[kept_early] = 0.0
+    opt.step()  # step 2: 30 of 100; the 4 new ones are the first of the zero scores, by position
+    pruned = (layer.weight.view(-1) == 0).nonzero().flatten().tolist()
+    assert len(pruned) == 30 and set(kept_early[:4]) <= set(pruned) and not set(kept_early[4:]) & set(pruned)
+
+
 # --- 4. pruned stays pruned ---
 
 
@@ -527,6 +545,14 @@ def test_a_tensor_is_compacted_exactly_when_compact_state_is_smaller(dtype, amsg
         compact_bytes = kept * (4 + moments * layer.weight.element_size())
         assert ("kept_index" in opt.state[layer.weight]) == (compact_bytes < dense_bytes), sparsity
         assert state_bytes(opt, [layer.weight]) == min(dense_bytes, compact_bytes) + 4  # + `step`
+
+def test_the_break_even_of_the_two_forms_by_hand():
+    from adamwprune import compact_is_smaller
+    # kept * (4 B of index + moments * element) against numel * moments * element; a tie stays dense
+    assert [compact_is_smaller(kept, 3, 2, 4) for kept in (1, 2)] == [True, False]  # fp32: 12 B against 8 B
+    assert [compact_is_smaller(kept, 4, 3, 4) for kept in (2, 3)] == [True, False]  # amsgrad: 16 against 12
+    assert [compact_is_smaller(kept, 4, 2, 2) for kept in (1, 2)] == [True, False]  # bf16: 8 against 4
+
 
 # --- 8. state_dict round trip ---
 
@@ -1738,26 +1764,28 @@ def test_an_out_that_cannot_be_written_stops_before_the_data_is_read(tmp_path, c
     else:
         path = tmp_path / "read-only" / "run"
         path.parent.mkdir()
-        subprocess.run(["chattr", "+i", str(path.parent)], capture_output=True)  # immutable: even root cannot write
-        if os.access(path.parent, os.W_OK) and subprocess.run(["lsattr", "-d", str(path.parent)], capture_output=True,
-                                                              text=True).stdout[:20].count("i") == 0:
+        immutable = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path.parent)],
+                                                              capture_output=True).returncode == 0
+        if not immutable:  # immutable: even root cannot write there
             path.parent.chmod(0o500)
             if os.geteuid() == 0:
-                pytest.skip("root writes anywhere here and chattr +i is not available")
+                pytest.skip("root writes anywhere, and chattr +i cannot make a folder immutable here")
     try:  # a --data-dir without data: the error must come from --out, before any data is looked for
         message = one_line_exit(capsys, lambda: train.main(["--data-dir", str(tmp_path / "no-data"), "--out",
                                                             str(path)]))
     finally:
-        subprocess.run(["chattr", "-i", str(path.parent)], capture_output=True)
-        path.parent.chmod(0o700)
+        if out != "a regular file":
+            if immutable:
+                subprocess.run(["chattr", "-i", str(path.parent)], capture_output=True)
+            path.parent.chmod(0o700)
     assert message.startswith(f"error: cannot write in --out {path}: ") and message.endswith("pass another --out")
 
 
 def mounted_tmpfs(folder, size):
     """A tmpfs of `size` mounted at `folder`, or None where this machine does not allow it."""
     folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                                           capture_output=True).returncode:
+    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
         return None
     return folder
 
@@ -1805,14 +1833,19 @@ def test_results_json_holds_null_where_a_number_is_not_finite():
     json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
 
 
-def test_a_moved_folder_resumes_by_its_new_name_with_a_trailing_slash_or_a_relative_path(tiny_data, tmp_path,
-                                                                                         monkeypatch):
+def stop_after_the_first_checkpoint(monkeypatch):
+    """Ctrl-C right after train.py saved its first checkpoint."""
     real_save = train.save_checkpoint
 
     def save_then_stop(state, path):
         real_save(state, path)
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+
+
+def test_a_moved_folder_resumes_by_its_new_name_with_a_trailing_slash_or_a_relative_path(tiny_data, tmp_path,
+                                                                                         monkeypatch):
+    stop_after_the_first_checkpoint(monkeypatch)
     with pytest.raises(SystemExit):
         train.main(tiny_args(tiny_data, tmp_path / "run", "--epochs", "3"))
     monkeypatch.undo()
@@ -1823,12 +1856,7 @@ def test_a_moved_folder_resumes_by_its_new_name_with_a_trailing_slash_or_a_relat
 
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_version_ran(tiny_data, tmp_path, monkeypatch):
-    real_save = train.save_checkpoint
-
-    def save_then_stop(state, path):
-        real_save(state, path)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    stop_after_the_first_checkpoint(monkeypatch)
     with pytest.raises(SystemExit):
         train.main(tiny_args(tiny_data, tmp_path, "--epochs", "2"))
     monkeypatch.undo()
