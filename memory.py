@@ -244,7 +244,7 @@ def pairings():
     import train
     rows = [(optimizer, pruning) for _, optimizer, pruning, _ in train.STUDY]
     return sorted(rows, key=lambda row: (row != ("adamw", "none"), row[0] == "adamwprune"))
-BATCH_SIZE = {"lenet5": 128, "resnet18": 32}  # small enough for a CPU, the same for every row
+BATCH_SIZE = {"lenet5": 128, "resnet18": 32, "gpt-tiny": 12}  # small enough for a CPU, the same for every row
 
 
 class Rig:
@@ -253,26 +253,34 @@ class Rig:
 
     def __init__(self, model_name, optimizer, pruning, sparsity, device, prune_end=1, wrap=None):
         import train
-        config = train.parse_args(["--model", model_name, "--optimizer", optimizer, "--pruning", pruning,
-                                   "--sparsity", str(sparsity), "--device", str(device)], writes=False)
+        from models import GPT, GPT_SHAPES
+        gpt = GPT_SHAPES.get(model_name)  # train.py does not train the GPT yet: its flags come from lenet5's
+        config = train.parse_args(["--model", "lenet5" if gpt else model_name, "--optimizer", optimizer,
+                                   "--pruning", pruning, "--sparsity", str(sparsity), "--device", str(device)],
+                                  writes=False)
         # prune_end=1: straight to `sparsity` at the first step, the steady state after prune_end;
         # prune_end=2: 61% at the first step (cubic), `sparsity` at the second, a late mask update
         config.update(prune_start=0 if prune_end > 1 else 1, prune_end=prune_end, prune_every=1)
         torch.manual_seed(0)
-        self.model = train.make_model(config, device)
+        self.model = GPT(**gpt).to(device) if gpt else train.make_model(config, device)
         if wrap:  # e.g. FSDP2's fully_shard, before the optimizer sees the parameters
             wrap(self.model)
         self.optimizer, self.scheduler, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
         self.config, self.train_update = config, train.update
         channels, side = train.DATASETS[config["dataset"]][1:3]
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(BATCH_SIZE[model_name], channels, side, side, generator=g).to(device)
-        self.y = torch.randint(0, 10, (BATCH_SIZE[model_name],), generator=g).to(device)
+        g, batch = torch.Generator().manual_seed(0), BATCH_SIZE[model_name]
+        if gpt:  # random tokens, a context each; the targets: the next tokens
+            tokens = torch.randint(0, gpt["vocab_size"], (batch, gpt["block_size"] + 1), generator=g).to(device)
+            self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+        else:
+            self.x = torch.randn(batch, channels, side, side, generator=g).to(device)
+            self.y = torch.randint(0, 10, (batch,), generator=g).to(device)
         self.prunable = [p for p in self.model.parameters() if prunable(p, {})]  # AdamWPrune's rule
 
     def backward(self):
         self.optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        logits = self.model(self.x)  # (B, classes), or (B, T, vocabulary) for the GPT
+        torch.nn.functional.cross_entropy(logits.flatten(0, -2), self.y.flatten()).backward()
 
     def update(self):
         """What a training step of train.py does after backward (optimizer, schedule, pruning)."""
@@ -490,8 +498,9 @@ def measure_data_path(flags, steps=100, repeats=3):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Memory and update time of every optimizer/pruning pairing, against torch's AdamW")
-    parser.add_argument("--model", choices=["lenet5", "resnet18", "all"], default="all",
-                        help="which model (default: all)")
+    parser.add_argument("--model", choices=["lenet5", "resnet18", "gpt-tiny", "all"], default="all",
+                        help="which model; gpt-tiny: models.GPT's gpt-tiny shape on random tokens, 12 x 64 "
+                        "(default: all: lenet5 and resnet18)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", metavar="DEV",
                         help="device (default: cuda if available, else cpu)")
     parser.add_argument("--repeats", type=int, default=20, metavar="N",
@@ -534,7 +543,8 @@ def main(argv=None):
         return
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {machine}. Bytes per prunable weight; peak: one training step "
-          f"(batch {BATCH_SIZE['lenet5']} for lenet5, {BATCH_SIZE['resnet18']} for resnet18); update: "
+          f"(batch {BATCH_SIZE['lenet5']} for lenet5, {BATCH_SIZE['resnet18']} for resnet18, "
+          f"{BATCH_SIZE['gpt-tiny']} x 64 tokens for gpt-tiny); update: "
           f"optimizer + pruning work after backward, median of {args.repeats}, against torch's AdamW "
           "(fused=True, and foreach=True) on the same gradients; mask update: the time one adds, in fused steps; "
           "reserved: on CUDA, the allocator's max_memory_reserved in that step, the rig alone on the device, its "

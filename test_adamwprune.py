@@ -935,6 +935,29 @@ def test_bytes_per_prunable_weight_on_lenet5_are_those_of_each_method(optimizer,
     assert buffers == pruning_bytes
 
 
+
+@pytest.mark.parametrize("optimizer, pruning, state_bytes, pruning_bytes", [
+    ("adamw", "none", 8.0, 0.0), ("adamw", "movement", 8.0, 5.0), ("adamwprune", "state", None, 0.0)])
+def test_the_gpt_tiny_rig_holds_the_bytes_per_prunable_weight_of_the_contract(optimizer, pruning, state_bytes,
+                                                                            pruning_bytes):
+    rig = memory.Rig("gpt-tiny", optimizer, pruning, 0.7 if pruning != "none" else 0.0, "cpu")
+    rig.train_step()  # prunes at step 1, straight to 70%
+    # by hand: the 2-D tensors of 4 blocks of width 128 (attention 128x384 and 128x128, MLP 2 x 128x512), the
+    # token embedding 65x128 (tied with the output layer, counted once) and the positions 64x128
+    numel = 4 * (128 * 384 + 128 * 128 + 2 * 128 * 512) + 65 * 128 + 64 * 128
+    assert sum(p.numel() for p in rig.prunable) == numel
+    state, buffers = rig.bytes_per_prunable()
+    if state_bytes is None:  # AdamWPrune at 70%: an int32 index, m and v for each kept weight, counted here
+        kept = sum(int((p != 0).sum()) for p in rig.prunable)
+        assert kept == numel - round(0.7 * numel)
+        by_hand = sum(t.numel() * t.element_size() for p in rig.prunable for key, t in rig.optimizer.state[p].items()
+                      if torch.is_tensor(t) and key != "step")
+        assert by_hand <= kept * (4 + 4 + 4) and state <= 3.6  # 12 B per kept weight; 3.6 B at 70%
+        assert state * numel == pytest.approx(by_hand + 4 * len(rig.prunable))  # and the 0-d steps
+    else:
+        assert state * numel == pytest.approx(state_bytes * numel + 4 * len(rig.prunable))  # and the 0-d steps
+    assert buffers == pruning_bytes
+
 def test_a_storage_shared_by_views_is_counted_once():
     t = torch.zeros(1000)
     assert memory.tensor_bytes([t, t.view(10, 100), t[500:], t.clone()]) == 2 * 4000
