@@ -25,7 +25,6 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from adamwprune import local, prunable
 
@@ -131,10 +130,10 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(storage_of(t)) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(storage_of(t)) not in inputs:  # views, in-place: not new
-                self._count(storage_of(t))
+        inputs = {id(storage_of(t)) for t in tensors_in((args, kwargs))}
+        for t in tensors_in(out):
+            if id(storage := storage_of(t)) not in inputs:  # views, in-place: not new
+                self._count(storage)
         return out
 
     def _count(self, storage):
@@ -148,6 +147,19 @@ class TensorMemoryTracker(TorchDispatchMode):
     def _free(self, key, nbytes):
         self._storage_refs.pop(key, None)
         self.live_bytes -= nbytes
+
+
+def tensors_in(value):
+    """The tensors in an operator's arguments or outputs: tensors, lists, tuples and dicts of them (a plain
+    walk: at every operator of a tracked step, torch's general tree_flatten costs as much as the step)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
 
 
 # --- a run's memory timeline ---
@@ -475,7 +487,7 @@ def measure_data_path(flags, steps=100, repeats=3):
     def bare_pass():
         for x, y in batches:
             with train.autocast(config):
-                loss = torch.nn.functional.cross_entropy(state.model(x), y)
+                loss = torch.nn.functional.cross_entropy(state.model(x).flatten(0, -2), y.flatten())
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             train.update(config, state.model, state.optimizer, state.scheduler, state.pruning)

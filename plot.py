@@ -39,10 +39,10 @@ CHAR_WIDTH = 0.64  # mean glyph width per pixel of font size (DejaVu Sans): lays
 INK, GRID, MUTED = "#222222", "#e2e2e2", "#555555"
 LINE_WIDTH = 2.4
 MIB = 2 ** 20
-MODELS = {"lenet5": "LeNet-5", "resnet18": "ResNet-18"}
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
-CURVES = {  # name: (panel title, x label, y label, y axis from zero)
-    "accuracy": ("Test accuracy", "epoch", "test accuracy (%)", False),
+MODELS = {"lenet5": "LeNet-5", "resnet18": "ResNet-18", "gpt": "GPT (gpt-tiny)"}
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "shakespeare": "Tiny Shakespeare"}
+CURVES = {  # name: (panel title, x label, y label, y axis from zero); "metric": the run's, as its metric says
+    "metric": ("Test accuracy", "epoch", "test accuracy (%)", False),
     "loss": ("Training loss", "epoch", "training loss (cross-entropy)", False),
     "sparsity": ("Sparsity of the prunable weights", "optimizer step", "sparsity (%)", True),
     "memory": ("Allocated memory", "optimizer step", "allocated memory (MiB)", True),
@@ -51,10 +51,11 @@ TEXT_COLUMNS, LABEL_COLUMNS, SPARK_COLUMNS, BAR_COLUMNS = 100, 30, 50, 50  # tex
 SPARKS = {False: "▁▂▃▄▅▆▇█", True: "_.-:=+*#"}  # keyed by ascii
 EIGHTHS = "▏▎▍▌▋▊▉"
 HOW_TO_MAKE = "make it with `python train.py --compare --out {}`"
-ROW_KEYS = ("name", "sparsity", "results_dir", "test_accuracy", "peak_memory_mib", "efficiency")  # in comparison.json
+ROW_KEYS = ("name", "sparsity", "results_dir", "METRIC", "peak_memory_mib")  # in comparison.json; + efficiency
 RESULTS_KEYS = (  # what train.py --compare and the plots read of a row's results.json ("final.sparsity": in "final")
     "config", "environment", "history", "sparsity_timeline", "memory.mean_bytes", "memory.timeline",
-    "final.test_accuracy", "final.sparsity", "final.peak_memory_bytes", "final.wall_seconds")
+    "final.METRIC", "final.sparsity", "final.peak_memory_bytes", "final.wall_seconds")  # METRIC: metric.key's
+ACCURACY = {"key": "test_accuracy", "label": "test accuracy (%)", "higher_is_better": True}  # the image models'
 
 
 # --- data ---
@@ -139,26 +140,42 @@ def finite_json(results):
     return json.dumps(json.loads(json.dumps(results), parse_constant=lambda _: None), indent=1)
 
 
+def metric_of(data):
+    """What a results.json or comparison.json is judged by: {key, label, higher_is_better}; older files,
+    written before the GPT, were all in test accuracy."""
+    return data.get("metric") or ACCURACY
+
+
+def title_of(metric):
+    return metric["label"].split(" (")[0].capitalize()  # "Validation loss"
+
+
+def noun_of(metric):
+    return "accuracy" if metric["key"] == "test_accuracy" else title_of(metric).lower()  # in figure titles
+
+
 def comparison_row(name, config, results, results_dir):
-    """A row of comparison.json: one run's config and results.json, with paths relative to results_dir."""
-    final, memory_report = results["final"], results["memory"]
+    """A row of comparison.json: one run's config and results.json, with paths relative to results_dir.
+    efficiency (the metric per 100 MiB of peak memory) only where higher is better: accuracy."""
+    final, memory_report, metric = results["final"], results["memory"], metric_of(results)
+    value = final[metric["key"]]
     peak_mib, reserved_bytes = final["peak_memory_bytes"] / MIB, final.get("peak_reserved_bytes")
     return {"name": name, "optimizer": config["optimizer"], "pruning": config["pruning"],
             "importance": config["importance"] if config["pruning"] == "state" else None,
             "sparsity": config["sparsity"], "results_dir": os.path.relpath(config["out"], results_dir),
-            "test_accuracy": final["test_accuracy"], "peak_memory_mib": peak_mib,
+            metric["key"]: value, "peak_memory_mib": peak_mib,
             "peak_reserved_mib": reserved_bytes / MIB if reserved_bytes else None,  # CUDA's max_memory_reserved
             "mean_memory_mib": memory_report["mean_bytes"] / MIB,
-            "efficiency": final["test_accuracy"] / peak_mib * 100,  # accuracy per 100 MiB of peak memory
+            "efficiency": value / peak_mib * 100 if metric["higher_is_better"] else None,
             "sparsity_reached": final["sparsity"], "wall_seconds": final["wall_seconds"],
             "file_vs_dense": final["pruned_file_bytes"] / final["dense_file_bytes"] if "pruned_file_bytes" in final else None}
 
 
-def write_comparison(results_dir, config, rows, environment):
-    """comparison.json (the comparison's config, environment and rows) and comparison.csv (the rows)."""
+def write_comparison(results_dir, config, rows, environment, metric=ACCURACY):
+    """comparison.json (the comparison's config, environment, metric and rows) and comparison.csv (the rows)."""
     comparison = {"model": config["model"], "dataset": config["dataset"], "epochs": config["epochs"],
                   "seed": config["seed"], "sparsities": config["sparsities"], "environment": environment,
-                  "rows": rows}
+                  "metric": metric, "rows": rows}
     write_atomic(os.path.join(results_dir, "comparison.json"), lambda f: f.write(finite_json(comparison)))
 
     def write_csv(f):
@@ -176,12 +193,15 @@ def lookup(data, key):
 
 
 def read_json(path, keys, fix):
-    """The JSON object in `path`, holding each of `keys`; otherwise PlotInputError: the file, what is wrong, `fix`."""
+    """The JSON object in `path`, holding each of `keys` (METRIC in a key: its metric's key); otherwise
+    PlotInputError: the file, what is wrong, `fix`."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as error:  # ValueError: not JSON (cut short, overwritten), or not UTF-8
         raise PlotInputError(f"{path} cannot be read as JSON ({error}): {fix}") from None
+    metric = metric_of(data) if isinstance(data, dict) else ACCURACY
+    keys = [key.replace("METRIC", metric["key"]) for key in keys]
     missing = [key for key in keys if lookup(data, key) is None]
     if missing:
         raise PlotInputError(f"{path} lacks {', '.join(missing)}: {fix}")
@@ -205,9 +225,10 @@ def load_comparison(results_dir):
     if not os.path.isfile(path):
         raise PlotInputError(f"{results_dir} has no comparison.json: {HOW_TO_MAKE.format(results_dir)}")
     comparison = read_json(path, ("rows",), remake)
-    rows = comparison["rows"]
+    rows, metric = comparison["rows"], metric_of(comparison)
+    keys = [key.replace("METRIC", metric["key"]) for key in ROW_KEYS] + ["efficiency"] * metric["higher_is_better"]
     try:
-        lacking = next((f"row {i} has no usable {key!r}" for i, row in enumerate(rows) for key in ROW_KEYS
+        lacking = next((f"row {i} has no usable {key!r}" for i, row in enumerate(rows) for key in keys
                         if row.get(key) is None or row[key] in (math.inf, -math.inf) or row[key] != row[key]),
                        None if rows else "it lists no rows")  # x != x: NaN
     except (TypeError, AttributeError):
@@ -229,10 +250,10 @@ def missing_note(rows, results):
 
 
 def curve(results, name):
-    """[(x, y)] of one run: accuracy (%) or loss per epoch, sparsity (%) or memory (MiB) per step; [] if absent."""
+    """[(x, y)] of one run: its metric or training loss per epoch, sparsity (%) or memory (MiB) per step; [] if absent."""
     try:
-        if name in ("accuracy", "loss"):
-            key = "test_accuracy" if name == "accuracy" else "train_loss"
+        if name in ("metric", "loss"):
+            key = metric_of(results)["key"] if name == "metric" else "train_loss"
             points = [(h["epoch"], h[key]) for h in results.get("history", [])]
         elif name == "sparsity":
             points = [(s["step"], 100 * s["sparsity"]) for s in results.get("sparsity_timeline", [])]
@@ -277,9 +298,25 @@ def provenance(comparison):
             f"torch {environment.get('torch', '?')} on {environment.get('device', '?')}")
 
 
-def accuracy_start(values):
-    """Where accuracy bars start: below the lowest by half the spread (at least a point), not below 0."""
-    return max(0.0, min(values) - max(1.0, (max(values) - min(values)) / 2))
+def bar_start(values, metric=ACCURACY):
+    """Where the metric's bars start: below the lowest by half the spread (at least a point of accuracy, 1%
+    of a loss), not below 0."""
+    least = 1.0 if metric["key"] == "test_accuracy" else 0.01 * min(values)
+    return max(0.0, min(values) - max(least, (max(values) - min(values)) / 2))
+
+
+def curves_of(metric):
+    """CURVES, the first titled by the metric."""
+    return {**CURVES, "metric": (title_of(metric), "epoch", metric["label"], False)}
+
+
+def last_panel(rows, metric):
+    """(values, axis label, title, text title) of a comparison's last bars: efficiency where higher is
+    better, else wall time."""
+    if metric["higher_is_better"]:
+        return ([row["efficiency"] for row in rows], "% accuracy per 100 MiB", "Efficiency",
+                "efficiency (% accuracy per 100 MiB)")
+    return [row.get("wall_seconds") or 0.0 for row in rows], "wall time (s)", "Wall time", "wall time (s)"
 
 
 def numbers(values, digits=4):
@@ -521,24 +558,26 @@ def footnote(svg, note, y):
 
 
 def comparison_figure(comparison, results, rows, styles):
-    """Six panels: accuracy and loss per epoch, sparsity and memory per step, final accuracy, memory and efficiency."""
-    width, cell_width, cell_height = 1400, 700, 430
+    """Six panels: the metric and loss per epoch, sparsity and memory per step, the final metric, memory and
+    efficiency (or, for a loss, wall time)."""
+    width, cell_width, cell_height, metric = 1400, 700, 430, metric_of(comparison)
     svg, top = start_figure(comparison, width, describe(comparison, rows), entries_of(rows, styles))
-    for i, (name, (title, xlabel, ylabel, from_zero)) in enumerate(CURVES.items()):
+    for i, (name, (title, xlabel, ylabel, from_zero)) in enumerate(curves_of(metric).items()):
         series = [(row["name"], styles[row["name"]], curve(results[row["label"]], name))
                   for row in rows if row["label"] in results]
         left, cell_top = cell_width * (i % 2), top + cell_height * (i // 2)
         line_panel(svg, (left + 110, cell_top, cell_width - 150, cell_height - 110), series, xlabel, ylabel,
                    title, from_zero)
     bars_top, names_px = top + 2 * cell_height, max(text_width(clip(row["name"])) for row in rows) + 24
-    accuracies = [row["test_accuracy"] for row in rows]
-    bar_panel(svg, (names_px + 30, bars_top, cell_width - names_px - 70, cell_height - 110), rows, accuracies,
-              styles, "final test accuracy (%)", "Final test accuracy", start=accuracy_start(accuracies))
+    values = [row[metric["key"]] for row in rows]
+    bar_panel(svg, (names_px + 30, bars_top, cell_width - names_px - 70, cell_height - 110), rows, values,
+              styles, f"final {metric['label']}", f"Final {title_of(metric).lower()}", start=bar_start(values, metric))
     half = (cell_width - names_px - 80) / 2
     bar_panel(svg, (cell_width + names_px, bars_top, half, cell_height - 110), rows,
               [row["peak_memory_mib"] for row in rows], styles, "peak memory (MiB)", "Peak memory")
+    last, xlabel, title, _ = last_panel(rows, metric)
     bar_panel(svg, (cell_width + names_px + half + 40, bars_top, half, cell_height - 110), rows,
-              [row["efficiency"] for row in rows], styles, "% accuracy per 100 MiB", "Efficiency", names=False)
+              last, styles, xlabel, title, names=False)
     return svg, footnote(svg, missing_note(rows, results), bars_top + cell_height - 30)
 
 
@@ -555,15 +594,17 @@ def memory_figure(comparison, results, rows, styles):
 
 
 def scatter_figure(comparison, rows, styles):
-    """Peak memory (MiB) against final test accuracy (%), a labelled marker per row."""
-    svg, top = start_figure(comparison, 1100, describe(comparison, rows) + ": memory vs accuracy",
+    """Peak memory (MiB) against the final metric, a labelled marker per row."""
+    metric = metric_of(comparison)
+    svg, top = start_figure(comparison, 1100, describe(comparison, rows) + f": memory vs {noun_of(metric)}",
                             entries_of(rows, styles), swatch="marker")
-    xs, ys = [row["peak_memory_mib"] for row in rows], [row["test_accuracy"] for row in rows]
+    xs, ys = [row["peak_memory_mib"] for row in rows], [row[metric["key"]] for row in rows]
     x_pad, y_pad = (max(xs) - min(xs)) * 0.1 or 0.1, (max(ys) - min(ys)) * 0.1 or 0.5
     box = (110, top, 800, 540)
     to_x, to_y = axes(svg, box, axis(min(xs) - x_pad, max(xs) + x_pad), axis(min(ys) - y_pad, max(ys) + y_pad),
-                      "peak memory (MiB): lower is better", "final test accuracy (%): higher is better",
-                      "Peak memory and final test accuracy")
+                      "peak memory (MiB): lower is better",
+                      f"final {metric['label']}: {'higher' if metric['higher_is_better'] else 'lower'} is better",
+                      f"Peak memory and final {title_of(metric).lower()}")
     points = [(to_x(x), to_y(y)) for x, y in zip(xs, ys)]
     for row, (x, y) in zip(rows, points):
         marker(svg, styles[row["name"]], x, y, radius=7)
@@ -572,19 +613,20 @@ def scatter_figure(comparison, rows, styles):
 
 
 def sweep_figure(comparison, rows, styles):
-    """Final test accuracy against sparsity, a line per pruning method; dense rows as flat lines."""
+    """The final metric against sparsity, a line per pruning method; dense rows as flat lines."""
+    metric, key = metric_of(comparison), metric_of(comparison)["key"]
     methods = list(dict.fromkeys(row["name"] for row in rows if row["sparsity"] > 0))
     dense = [row for row in rows if row["sparsity"] == 0]
     entries = [(name, styles[name]) for name in methods] + entries_of(dense, styles)
-    svg, top = start_figure(comparison, 1100, describe(comparison, rows) + ": accuracy vs sparsity", entries,
+    svg, top = start_figure(comparison, 1100, describe(comparison, rows) + f": {noun_of(metric)} vs sparsity", entries,
                             swatch="both")
-    series = [(name, styles[name], sorted((100 * row["sparsity"], row["test_accuracy"]) for row in rows
+    series = [(name, styles[name], sorted((100 * row["sparsity"], row[key]) for row in rows
                                           if row["name"] == name)) for name in methods]
     swept = [100 * s for s in sparsities(rows)]
-    series += [(row["name"], styles[row["name"]], [(swept[0], row["test_accuracy"]), (swept[-1], row["test_accuracy"])])
+    series += [(row["name"], styles[row["name"]], [(swept[0], row[key]), (swept[-1], row[key])])
                for row in dense]
-    line_panel(svg, (110, top, 950, 520), series, "sparsity (%)", "final test accuracy (%)",
-               "Final test accuracy per sparsity", markers=True)
+    line_panel(svg, (110, top, 950, 520), series, "sparsity (%)", f"final {metric['label']}",
+               f"Final {title_of(metric).lower()} per sparsity", markers=True)
     return svg, top + 600
 
 
@@ -592,12 +634,12 @@ def render_svgs(results_dir):
     """Write every figure into `results_dir`; returns their paths."""
     comparison, results = load_comparison(results_dir)
     rows, styles = comparison["rows"], styles_of(comparison["rows"])
-    shown = focus(rows)
+    shown, what = focus(rows), "accuracy" if metric_of(comparison)["higher_is_better"] else "loss"
     figures = {"comparison.svg": comparison_figure(comparison, results, shown, styles),
                "memory_timeline.svg": memory_figure(comparison, results, shown, styles),
-               "memory_vs_accuracy.svg": scatter_figure(comparison, shown, styles)}
+               f"memory_vs_{what}.svg": scatter_figure(comparison, shown, styles)}
     if len(sparsities(rows)) > 1:
-        figures["accuracy_vs_sparsity.svg"] = sweep_figure(comparison, rows, styles)
+        figures[f"{what}_vs_sparsity.svg"] = sweep_figure(comparison, rows, styles)
     paths = []
     for name, (svg, height) in figures.items():
         paths.append(os.path.join(results_dir, name))
@@ -626,9 +668,10 @@ def bar(value, low, high, ascii):
     return "█" * (eighths // 8) + (EIGHTHS[eighths % 8 - 1] if eighths % 8 else "")
 
 
-def curve_lines(rows, results, name, width, ascii):
+def curve_lines(rows, results, name, width, ascii, metric=ACCURACY):
     """One sparkline per row on a scale shared by all rows, its first and last values either side."""
-    title = CURVES[name][2] + (" per epoch" if CURVES[name][1] == "epoch" else " per step")
+    _, xlabel, ylabel, _ = curves_of(metric)[name]
+    title = ylabel + (" per epoch" if xlabel == "epoch" else " per step")
     curves = {label: [y for _, y in curve(run, name)] for label, run in results.items()}
     values = [v for c in curves.values() for v in c]
     if not values:
@@ -651,11 +694,11 @@ def bar_lines(rows, values, title, width, ascii, start=0.0):
     return lines + [""]
 
 
-def sweep_lines(rows, width):
-    """Final test accuracy (%) per method (rows) and sparsity (columns)."""
+def sweep_lines(rows, width, metric=ACCURACY):
+    """The final metric per method (rows) and sparsity (columns)."""
     swept = sparsities(rows)
-    accuracy = {(row["name"], row["sparsity"]): row["test_accuracy"] for row in rows}
-    lines = ["final test accuracy (%) per sparsity",
+    accuracy = {(row["name"], row["sparsity"]): row[metric["key"]] for row in rows}
+    lines = [f"final {metric['label']} per sparsity",
              f"  {'method':<{width}}" + "".join(f"{percent(s):>9}" for s in swept)]
     for name in dict.fromkeys(row["name"] for row in rows):
         cells = [f"{number(accuracy[name, s], 4):>9}" if (name, s) in accuracy else f"{'-':>9}" for s in swept]
@@ -665,18 +708,21 @@ def sweep_lines(rows, width):
     return lines + [""]
 
 
-def table_lines(rows, width):
+def table_lines(rows, width, metric=ACCURACY):
     """Every row's numbers in fixed columns; CUDA runs add the peak reserved, with names clipped to keep 100 columns."""
     reserved = any(row.get("peak_reserved_mib") for row in rows)
     width = min(width, TEXT_COLUMNS - 79) if reserved else width
-    lines = [f"{'row':<{width}} {'sparsity':>9} {'test acc':>9} {'peak MiB':>9} " + "reserved " * reserved +
+    accuracy = metric["key"] == "test_accuracy"
+    show = (lambda v: f"{v:>8.2f}%") if accuracy else (lambda v: f"{v:>9.4f}")
+    heading = "test acc" if accuracy else metric["key"].replace("_", " ")
+    lines = [f"{'row':<{width}} {'sparsity':>9} {heading:>9} {'peak MiB':>9} " + "reserved " * reserved +
              f"{'mean MiB':>9} {'efficiency':>11} {'wall s':>8} {'file':>6}"]  # file: model.pruned.pt vs dense
     for row in rows:
         file_vs_dense = f"{row['file_vs_dense']:.2f}x" if row.get("file_vs_dense") else "-"
         lines.append(f"{clip(row['label'], width):<{width}} {row.get('sparsity_reached', row['sparsity']):>9.1%} "
-                     f"{row['test_accuracy']:>8.2f}% {number(row['peak_memory_mib']):>9} "
+                     f"{show(row[metric['key']])} {number(row['peak_memory_mib']):>9} "
                      + f"{number(row.get('peak_reserved_mib') or math.nan):>8} " * reserved +
-                     f"{number(row.get('mean_memory_mib') or math.nan):>9} {number(row['efficiency']):>11} "
+                     f"{number(row.get('mean_memory_mib') or math.nan):>9} {number(row['efficiency']) if row.get('efficiency') else '-':>11} "
                      f"{row.get('wall_seconds') or math.nan:>8.1f} {file_vs_dense:>6}")
     return lines
 
@@ -684,18 +730,19 @@ def table_lines(rows, width):
 def text_report(results_dir, ascii=False):
     """The comparison as text plots and a table, every line within 100 columns; ascii=True: pure ASCII."""
     comparison, results = load_comparison(results_dir)
-    rows = comparison["rows"]
+    rows, metric = comparison["rows"], metric_of(comparison)
     width = min(LABEL_COLUMNS, max(len(row["label"]) for row in rows))
     lines = [describe(comparison, rows)] + textwrap.wrap(provenance(comparison), TEXT_COLUMNS) + [""]
     for name in CURVES:
-        lines += curve_lines(rows, results, name, width, ascii)
-    accuracies = [row["test_accuracy"] for row in rows]
-    lines += bar_lines(rows, accuracies, "final test accuracy (%)", width, ascii, accuracy_start(accuracies))
+        lines += curve_lines(rows, results, name, width, ascii, metric)
+    values = [row[metric["key"]] for row in rows]
+    lines += bar_lines(rows, values, f"final {metric['label']}", width, ascii, bar_start(values, metric))
     lines += bar_lines(rows, [row["peak_memory_mib"] for row in rows], "peak memory (MiB)", width, ascii)
-    lines += bar_lines(rows, [row["efficiency"] for row in rows], "efficiency (% accuracy per 100 MiB)", width, ascii)
+    last, _, _, text_title = last_panel(rows, metric)
+    lines += bar_lines(rows, last, text_title, width, ascii)
     if len(sparsities(rows)) > 1:
-        lines += sweep_lines(rows, width)
-    lines += table_lines(rows, width)
+        lines += sweep_lines(rows, width, metric)
+    lines += table_lines(rows, width, metric)
     text = "\n".join(lines + textwrap.wrap(missing_note(rows, results), TEXT_COLUMNS))
     return text.encode("ascii", "replace").decode() if ascii else text
 
@@ -707,13 +754,19 @@ STATE_SCORES = ("variance", "hybrid", "momentum")  # the scores that use the opt
 
 def score_decision(results_dirs):
     """(table lines, chosen score) from `train.py --compare --ablation` run once per seed. Per
-    seed, each score's accuracy is averaged over the sparsities; the best state score is the
-    default unless magnitude beats it by more than two standard errors of their per-seed difference."""
-    accuracy = {}  # (importance, sparsity): [test accuracy, one per seed]
+    seed, each score's metric (accuracy; the GPT's validation loss) is averaged over the sparsities; the
+    best state score is the default unless magnitude beats it by more than two standard errors of their
+    per-seed difference."""
+    accuracy, metrics = {}, []  # (importance, sparsity): [the metric, one per seed]
     for results_dir in results_dirs:
-        for row in load_comparison(results_dir)[0]["rows"]:
+        comparison = load_comparison(results_dir)[0]
+        metrics.append(metric := metric_of(comparison))
+        for row in comparison["rows"]:
             if row.get("importance"):
-                accuracy.setdefault((row["importance"], row["sparsity"]), []).append(row["test_accuracy"])
+                accuracy.setdefault((row["importance"], row["sparsity"]), []).append(row[metric["key"]])
+    if any(m != metrics[0] for m in metrics):
+        raise PlotInputError("the ablations are judged by different metrics: give folders of one model")
+    sign = 1 if metrics[0]["higher_is_better"] else -1  # better = larger sign * value
     scores, sparsities = sorted({i for i, _ in accuracy}), sorted({s for _, s in accuracy})
     seeds = len(results_dirs)
     if seeds < 2 or "magnitude" not in scores or any(len(v) != seeds for v in accuracy.values()):
@@ -721,18 +774,21 @@ def score_decision(results_dirs):
                              "sparsities on at least two seeds, one folder each")
     per_seed = {i: [statistics.fmean(a) for a in zip(*(accuracy[i, s] for s in sparsities))] for i in scores}
     mean = {i: statistics.fmean(per_seed[i]) for i in scores}
-    best = max((i for i in scores if i in STATE_SCORES), key=mean.get)
+    best = max((i for i in scores if i in STATE_SCORES), key=lambda i: sign * mean[i])
     difference = [m - b for m, b in zip(per_seed["magnitude"], per_seed[best])]
     standard_error = statistics.stdev(difference) / math.sqrt(seeds)
-    chosen = "magnitude" if statistics.fmean(difference) > 2 * standard_error else best
+    chosen = "magnitude" if sign * statistics.fmean(difference) > 2 * standard_error else best
     se = lambda values: statistics.stdev(values) / math.sqrt(len(values))  # noqa: E731
-    lines = [f"{'score':<10}" + "".join(f" {f'{s:.0%} sparsity':>16}" for s in sparsities) + f" {'mean':>14}"]
+    d, w = (2, 9) if sign > 0 else (4, 7)  # decimals: points of accuracy; nats of a loss
+    lines = [f"{'score':<10}" + "".join(f" {f'{s:.0%} sparsity':>{w + d + 5}}" for s in sparsities)
+             + f" {'mean':>{w + d + 3}}"]
     for i in scores:
-        lines.append(f"{i:<10}" + "".join(f" {statistics.fmean(accuracy[i, s]):>9.2f} ± {se(accuracy[i, s]):.2f}"
-                                          for s in sparsities) + f" {mean[i]:>7.2f} ± {se(per_seed[i]):.2f}")
-    lines.append(f"test accuracy %, mean ± standard error over {seeds} seeds. magnitude - {best} (the best state "
-                 f"score): {statistics.fmean(difference):+.2f} ± {standard_error:.2f} points, so the default is "
-                 f"{chosen}" + (" (magnitude leads by more than two standard errors)" if chosen == "magnitude" else
+        lines.append(f"{i:<10}" + "".join(f" {statistics.fmean(accuracy[i, s]):>{w}.{d}f} ± {se(accuracy[i, s]):.{d}f}"
+                                          for s in sparsities) + f" {mean[i]:>7.{d}f} ± {se(per_seed[i]):.{d}f}")
+    label = "test accuracy %" if sign > 0 else metrics[0]["label"]
+    lines.append(f"{label}, mean ± standard error over {seeds} seeds. magnitude - {best} (the best state "
+                 f"score): {statistics.fmean(difference):+.{d}f} ± {standard_error:.{d}f}{' points' * (sign > 0)}, "
+                 f"so the default is {chosen}" + (" (magnitude leads by more than two standard errors)" if chosen == "magnitude" else
                                 " (magnitude does not lead it by more than two standard errors)"))
     return lines, chosen
 

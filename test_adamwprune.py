@@ -1669,6 +1669,176 @@ def test_default_recipe_lenet5_adamwprune_at_70_percent_reaches_89_percent_on_fa
     assert final["sparsity"] == pytest.approx(0.7, abs=1e-5)
     assert final["test_accuracy"] >= 89.0
 
+# --- the GPT on Tiny Shakespeare ---
+
+SHAKESPEARE_DIR = os.path.join(HERE, "data")  # .ci/run copies the text there (a git-ignored folder)
+SHAKESPEARE = os.path.join(SHAKESPEARE_DIR, "tinyshakespeare.txt")
+needs_shakespeare = pytest.mark.skipif(
+    not os.path.exists(SHAKESPEARE), reason=f"no {SHAKESPEARE}: copy Tiny Shakespeare there (.ci/run does it "
+    "from ../shared/data) or run `python train.py --model gpt` once online to download it")
+SMALL_GPT = dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65)  # mechanics, in seconds
+
+
+def gpt_args(out, *flags, limit=96):
+    """A GPT run on the real text: --limit 96 windows of 12 is 8 steps an epoch."""
+    return ["--model", "gpt", "--data-dir", SHAKESPEARE_DIR, "--device", "cpu", "--limit", str(limit),
+            "--epochs", "3", "--out", str(out), *flags]
+
+
+def gpt_run(out, *flags, **kwargs):
+    train.main(gpt_args(out, *flags, **kwargs))
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def small_gpt(monkeypatch):
+    monkeypatch.setitem(train.GPT_SHAPES, train.GPT_SHAPE, SMALL_GPT)
+
+
+@needs_shakespeare
+def test_the_text_is_its_65_characters_split_90_10_and_validated_on_windows_every_run_shares():
+    with open(SHAKESPEARE, "rb") as f:
+        text = f.read()
+    tokens, vocabulary = train.load_text("shakespeare", SHAKESPEARE_DIR)
+    assert len(vocabulary) == 65 and vocabulary == "".join(sorted(set(text.decode())))
+    assert "".join(vocabulary[i] for i in tokens[:300].tolist()) == text[:300].decode()  # decodes back
+    assert len(tokens) == 1_115_394
+    config = train.parse_args(gpt_args("/tmp/unused", "--seed", "1"), writes=False)
+    train_data, val = train.load_data(config, torch.device("cpu"))
+    assert torch.equal(train_data.tokens, tokens[:1_003_854]) and torch.equal(val.tokens, tokens[1_003_854:])
+    other = train.load_data({**config, "seed": 2}, torch.device("cpu"))[1]
+    assert torch.equal(val.starts, other.starts) and len(val) == 96  # --limit 96: at most 96 windows
+    assert len(train.load_data({**config, "limit": None}, torch.device("cpu"))[1]) == 480
+
+
+def test_text_windows_are_followed_by_their_next_tokens_and_split_over_ranks():
+    data = train.TextData(torch.arange(1000), context=8, windows=24)
+    whole = list(data.batches(12, torch.Generator().manual_seed(0)))
+    assert len(whole) == 2 and all(x.shape == y.shape == (12, 8) for x, y in whole)
+    for x, y in whole:  # the tokens are their positions: a window is consecutive, its targets one on
+        assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(12, 7, dtype=torch.int64)) and torch.equal(y, x + 1)
+    parts = [list(data.batches(12, torch.Generator().manual_seed(0), rank, 2)) for rank in range(2)]
+    for step, (x, _) in enumerate(whole):  # each rank takes its half of every batch
+        assert torch.equal(torch.cat([parts[0][step][0], parts[1][step][0]]), x)
+    assert max(int(x.max()) for x, _ in whole) <= 999 - 1  # the last window still has its next token
+
+
+def test_a_text_failing_its_checksum_stops_naming_it_and_nothing_is_downloaded_over_it(tmp_path, monkeypatch):
+    path = tmp_path / "tinyshakespeare.txt"
+    path.write_text("To be, or not to be\n")
+    monkeypatch.setattr(train.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(train.RunError) as error:
+        train.load_text("shakespeare", str(tmp_path))
+    assert str(path) in str(error.value) and "sha256" in str(error.value) and "replace it" in str(error.value)
+    assert path.read_text() == "To be, or not to be\n"
+
+
+def test_no_text_and_no_network_is_one_message_naming_the_file_and_the_fix(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise train.urllib.error.URLError("Temporary failure in name resolution")
+    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
+    with pytest.raises(train.RunError) as error:
+        train.load_text("shakespeare", str(tmp_path / "data"))
+    message = str(error.value)
+    assert str(tmp_path / "data" / "tinyshakespeare.txt") in message and "name resolution" in message
+    assert "--data-dir" in message and "network" in message and not os.path.exists(tmp_path / "data")
+
+
+@needs_shakespeare
+def test_a_download_is_checked_then_written_whole_and_a_wrong_one_writes_nothing(tmp_path, monkeypatch):
+    with open(SHAKESPEARE, "rb") as f:
+        text = f.read()
+    urls = []
+    monkeypatch.setattr(train.urllib.request, "urlopen", lambda url, **k: urls.append(url) or io.BytesIO(text[:-1]))
+    with pytest.raises(train.RunError, match="sha256"):
+        train.load_text("shakespeare", str(tmp_path))
+    assert os.listdir(tmp_path) == []  # a damaged download leaves no file
+    monkeypatch.setattr(train.urllib.request, "urlopen", lambda url, **k: urls.append(url) or io.BytesIO(text))
+    tokens, _ = train.load_text("shakespeare", str(tmp_path / "new"))
+    assert (tmp_path / "new" / "tinyshakespeare.txt").read_bytes() == text and len(tokens) == len(text)
+    assert urls[0].endswith("karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
+
+
+def test_warmup_cosine_is_nanogpts_schedule_by_hand():
+    total = 2000
+    assert train.warmup_cosine(0, total) == pytest.approx(1 / 101)  # nanoGPT: lr * (it + 1) / (warmup + 1)
+    assert train.warmup_cosine(99, total) == pytest.approx(100 / 101)
+    assert train.warmup_cosine(100, total) == pytest.approx(1.0)
+    assert train.warmup_cosine(1050, total) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert train.warmup_cosine(total, total) == pytest.approx(0.1)  # min_lr = lr / 10
+
+
+def test_the_gpt_recipe_is_nanogpts_two_groups_betas_and_clipping(small_gpt, monkeypatch):
+    config = train.parse_args(["--model", "gpt", "--optimizer", "adamw", "--device", "cpu"], writes=False)
+    assert (config["batch_size"], config["epochs"] * train.steps_per_epoch(config)) == (12, 2000)
+    assert config["lr"] == 1e-3 and config["lr_schedule"] == "warmup-cosine"
+    model = train.make_model(config, torch.device("cpu"))
+    optimizer, scheduler, _ = train.make_optimizer(config, model, 2000)
+    decayed, plain = optimizer.param_groups
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert (decayed["weight_decay"], plain["weight_decay"], decayed["betas"]) == (0.1, 0.0, (0.9, 0.99))
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 101)  # the first step's, warming up
+    clipped = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: clipped.append(norm))
+    train.update(config, model, optimizer, scheduler, None)
+    assert clipped == [1.0]
+
+
+@needs_shakespeare
+@pytest.mark.parametrize("optimizer, pruning", [("adamwprune", "state"), ("adamw", "magnitude"),
+                                                ("adamw", "movement"), ("sgd", "movement")])
+def test_gpt_runs_prune_exactly_and_report_validation_loss(small_gpt, tmp_path, optimizer, pruning):
+    results = gpt_run(tmp_path, "--optimizer", optimizer, "--pruning", pruning, "--sparsity", "0.5")
+    assert results["metric"] == {"key": "val_loss", "label": "validation loss (nats per character)",
+                                 "higher_is_better": False}
+    final, history = results["final"], results["history"]
+    assert final["val_loss"] == history[-1]["val_loss"] and final["val_perplexity"] == pytest.approx(
+        math.exp(final["val_loss"]))
+    assert [h["step"] for h in history] == [8, 16, 24] and "test_accuracy" not in final
+    model = GPT(**SMALL_GPT)
+    weights = torch.load(tmp_path / "model.pruned.pt", weights_only=True)
+    model.load_state_dict(dense_state_dict(weights))
+    kept = [p for p in model.parameters() if p.dim() >= 2]  # the tied embedding counted once
+    n = sum(p.numel() for p in kept)
+    assert sum(int((p == 0).sum()) for p in kept) == round(0.5 * n)  # exactly k = round(s N)
+    assert final["sparsity"] == pytest.approx(round(0.5 * n) / n)
+
+
+@needs_shakespeare
+def test_a_gpt_run_resumed_after_a_stop_ends_like_an_uninterrupted_one(small_gpt, tmp_path, monkeypatch):
+    uninterrupted = gpt_run(tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_stop(state, path):  # the process dies right after the first checkpoint
+        real_save(state, path)
+        raise Stop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        train.main(gpt_args(tmp_path / "stopped"))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed = gpt_run(tmp_path / "stopped", "--resume")
+    assert numbers(resumed) == numbers(uninterrupted)
+
+
+def test_the_gpt_and_the_image_models_refuse_each_others_data(capsys):
+    assert "the GPT reads text (shakespeare)" in cli_error(capsys, ["--model", "gpt", "--dataset", "mnist"])
+    assert "--model lenet5 does not take --dataset shakespeare" in cli_error(capsys, ["--dataset", "shakespeare"])
+
+
+@needs_shakespeare
+def test_a_short_real_gpt_run_learns_more_than_character_frequencies(tmp_path):
+    """200 steps of gpt-tiny: the untrained model scores ln 65 = 4.17 nats, the training text's character
+    frequencies 3.35 on the validation split; learning from context goes below both."""
+    final = gpt_run(tmp_path, "--optimizer", "adamw", "--epochs", "2", limit=1200)["final"]
+    assert final["val_loss"] < 2.9
+
 # --- the comparison ---
 
 

@@ -1,26 +1,29 @@
 """
-Train LeNet-5 or ResNet-18 while pruning, with AdamWPrune or a baseline optimizer and pruning method.
+Train LeNet-5, ResNet-18 or a GPT while pruning, with AdamWPrune or a baseline optimizer and pruning method.
 
     $ python train.py --optimizer adamwprune --sparsity 0.7   # LeNet-5 on Fashion-MNIST (the defaults)
     $ python train.py --optimizer adamw                       # the dense AdamW baseline
     $ python train.py --optimizer adamw --pruning movement
     $ python train.py --importance variance --sparsity 0.9
     $ python train.py --model resnet18 --amp bf16             # CIFAR-10 on a CUDA GPU
+    $ python train.py --model gpt --sparsity 0.5              # a character GPT on Tiny Shakespeare
     $ python train.py --out results/fm --resume               # continue after a stop
     $ python train.py --dry-run                               # one tiny pass, for CI
     $ python train.py --compare                               # every pairing of the study, with plots
     $ torchrun --standalone --nproc-per-node 2 train.py       # 2 processes (DDP); add --fsdp to shard
 
 Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
-"final"; accuracies in percent), DIR/checkpoint.pt after each epoch (torchrun --fsdp: process N's
+"final"; accuracies in percent; the GPT's in validation loss), DIR/checkpoint.pt after each epoch (torchrun --fsdp: process N's
 checkpoint.rankN.pt) and, when it prunes, DIR/model.pruned.pt: the pruned weights, compacted
-(adamwprune.compact_state_dict). The data set lives on the device as uint8 tensors; batches are
-gathered and augmented (ResNet-18, CIFAR-10) there.
+(adamwprune.compact_state_dict). The data set lives on the device as uint8 tensors (text: as tokens);
+batches are gathered and augmented (ResNet-18, CIFAR-10) there. The GPT's "epoch" is an evaluation
+interval: 250 optimizer steps on random windows of the text, so its default 8 epochs are nanoGPT's 2,000 steps.
 """
 import argparse
 import collections
 import contextlib
 import gzip
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -31,6 +34,7 @@ import platform
 import signal
 import sys
 import time
+import urllib.request
 
 import torch
 import torch.distributed as dist
@@ -41,7 +45,7 @@ from adamwprune import (DEFAULT_IMPORTANCE, IMPORTANCES, AdamWPrune, compact_sta
                         mask_update_due, prunable, prune_lowest)
 import memory
 import plot
-from models import build_model
+from models import GPT, GPT_SHAPES, build_model
 
 # --- config ---
 Dataset = collections.namedtuple("Dataset", "torchvision channels side classes train_images mean std")
@@ -50,10 +54,15 @@ DATASETS = {  # mean and std: per channel, of the training images scaled to [0, 
     "fashion-mnist": Dataset("FashionMNIST", 1, 28, 10, 60000, (0.2860,), (0.3530,)),
     "cifar10": Dataset("CIFAR10", 3, 32, 10, 50000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+TEXTS = {  # name: (file in --data-dir, where it is downloaded from, its sha256): nanoGPT's shakespeare_char
+    "shakespeare": ("tinyshakespeare.txt", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                    "tinyshakespeare/input.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+}
 SYSTEM_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist
-DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10"}  # Fashion-MNIST: offline too (Debian)
-DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50}  # resnet18: not measured on this project's CPU machines
-DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine"}  # cosine: SGDR (Loshchilov & Hutter 2017)
+DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10", "gpt": "shakespeare"}
+DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50, "gpt": 8}  # resnet18: not measured on this project's CPUs
+DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine",  # cosine: SGDR (Loshchilov & Hutter 2017)
+                       "gpt": "warmup-cosine"}  # nanoGPT's: linear warm-up, then cosine down to lr / 10
 OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in README.md
     "sgd": (0.03, 5e-4),  # momentum 0.9, L2 decay in the gradient
     "adam": (1e-3, 0.0),
@@ -62,17 +71,22 @@ OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in 
     "adamwspam": (1e-3, 1e-2),
     "adamwprune": (1e-3, 1e-2),  # AdamW's: the comparison shares one recipe
 }
+GPT_LR = {"sgd": 0.3, "adam": 1e-3, "adamw": 1e-3, "adamwadv": 1e-3, "adamwspam": 1e-3, "adamwprune": 1e-3}
 PRUNINGS = ("none", "magnitude", "movement", "state")
-DEFAULT_SPARSITY = 0.7  # when pruning
+DEFAULT_SPARSITY = {"lenet5": 0.7, "resnet18": 0.7, "gpt": 0.5}  # when pruning
 SCHEDULE = "cubic"  # every method's sparsity schedule (Zhu & Gupta 2017)
 PRUNE_START_FRACTION = 0.1  # default --prune-start: this fraction of all optimizer steps
 PRUNE_END_FRACTION = 0.6  # default --prune-end: the rest of the run fine-tunes at the final sparsity
 PRUNE_UPDATES_PER_EPOCH = 20  # default --prune-every: steps per epoch / this
-CLIP_GRAD_NORM = 1.0  # adamwadv only
-BATCH_SIZE = 128
+CLIP_GRAD_NORM = 1.0  # adamwadv, and every optimizer on the GPT (nanoGPT's grad_clip)
+BATCH_SIZE = {"lenet5": 128, "resnet18": 128, "gpt": 12}  # the GPT's: windows of 64 characters
 EVAL_BATCH_SIZE = 1000
 TIMELINE_SAMPLES = 200  # memory and sparsity are sampled about this many times per run
 DRY_RUN_BATCHES = 2  # --dry-run: one epoch of this many batches (and as many test images)
+GPT_SHAPE, GPT_BETAS, GPT_WEIGHT_DECAY = "gpt-tiny", (0.9, 0.99), 0.1  # nanoGPT's shakespeare_char recipe
+EVAL_INTERVAL = 250  # the GPT's epoch: optimizer steps between evaluations (nanoGPT's eval_interval)
+EVAL_WINDOWS = 480  # fixed validation windows, 64 characters each: the forward passes of nanoGPT's evaluation
+WARMUP_STEPS, MIN_LR_FRACTION = 100, 0.1  # warmup-cosine: lr * (t + 1) / 101 for t < 100, then cosine to lr / 10
 
 
 def train_images(config):
@@ -81,7 +95,15 @@ def train_images(config):
 
 
 def steps_per_epoch(config):
+    """A pass over the training images; the GPT's: EVAL_INTERVAL steps (--limit N: of N windows in all)."""
+    if config["model"] == "gpt":
+        windows = min(EVAL_INTERVAL * config["batch_size"], config["limit"] or math.inf)
+        return math.ceil(windows / config["batch_size"])
     return math.ceil(train_images(config) / config["batch_size"])
+
+
+def default_lr(model, optimizer):
+    return GPT_LR[optimizer] if model == "gpt" else OPTIMIZERS[optimizer][0]
 
 
 class RunError(Exception):
@@ -168,6 +190,7 @@ class DeviceData:
         self.mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
         self.augment, self.channels_last = augment, channels_last
+        self.device, self.targets_per_row = images.device, 1  # a label per image
 
     def __len__(self):
         return len(self.labels)
@@ -193,10 +216,78 @@ class DeviceData:
             yield x, self.labels[index]
 
 
+def load_text(name, data_dir):
+    """(the text's characters as int64 token ids, its vocabulary: the sorted characters). Read from data_dir;
+    when the file is missing, downloaded there first. Either way it must match its sha256."""
+    file, url, sha256 = TEXTS[name]
+    path = os.path.join(data_dir, file)
+    if not os.path.exists(path):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+        except Exception as error:  # URLError, OSError, timeouts, ... when offline
+            raise RunError(f"could not load {name}: {path} is missing, and downloading it from {url} failed "
+                           f"({error}). To fix: copy the file there (or point --data-dir DIR at a folder "
+                           f"holding {file}), or run once with network access to download it") from None
+        if hashlib.sha256(data).hexdigest() == sha256:  # a failed download writes nothing
+            os.makedirs(data_dir, exist_ok=True)
+            plot.write_atomic(path, lambda f: f.write(data), binary=True)
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    if (digest := hashlib.sha256(data).hexdigest()) != sha256:  # never written over: the user's file
+        raise RunError(f"{path if os.path.exists(path) else url} is not the expected {name} text (sha256 "
+                       f"{digest[:16]}..., not {sha256[:16]}...): replace it with the file from {url}")
+    vocabulary = sorted(set(data))  # Tiny Shakespeare: 65 ASCII characters, so one byte is one character
+    ids = torch.zeros(256, dtype=torch.int64)
+    ids[vocabulary] = torch.arange(len(vocabulary))
+    return ids[torch.frombuffer(bytearray(data), dtype=torch.uint8).long()], bytes(vocabulary).decode()
+
+
+class TextData:
+    """One split of a text held whole as tokens on the device, served as (B, T) windows of it and their
+    next tokens: len(self) windows at random starts drawn by the CPU `generator` (training), or the
+    fixed `starts` in order (evaluation)."""
+
+    def __init__(self, tokens, context, windows=0, starts=None):
+        self.tokens, self.context, self.starts = tokens, context, starts  # (N,) int64; T; (W,) or None
+        self.windows = windows if starts is None else len(starts)
+        self.device, self.targets_per_row = tokens.device, context  # a next token per position
+
+    def __len__(self):
+        return self.windows
+
+    def batches(self, batch_size, generator=None, rank=0, ranks=1):
+        starts = self.starts if generator is None else torch.randint(
+            len(self.tokens) - self.context, (len(self),), generator=generator).to(self.device)
+        offsets = torch.arange(self.context + 1, device=self.device)  # a window and the token after it
+        for start in range(0, len(self), batch_size):
+            lo, hi = (start + min(batch_size, len(self) - start) * r // ranks for r in (rank, rank + 1))
+            rows = self.tokens[starts[lo:hi, None] + offsets]  # (B, T + 1)
+            yield rows[:, :-1], rows[:, 1:]  # inputs and targets, each (B, T)
+
+
 def load_data(config, device):
-    """(train, test) DeviceData for the config's data set, limited to --limit images each."""
+    """(train, test) data on the device: DeviceData limited to --limit images each, or for the GPT
+    TextData: the first 90% of the text for training, EVAL_WINDOWS fixed windows of the rest (seed 0:
+    every run evaluates on the same windows) for validation."""
+    if config["model"] == "gpt":
+        tokens, _ = load_text(config["dataset"], config["data_dir"])
+        split, context = len(tokens) * 9 // 10, GPT_SHAPES[GPT_SHAPE]["block_size"]
+        train, val = tokens[:split].to(device), tokens[split:].to(device)
+        starts = torch.randint(len(val) - context, (min(EVAL_WINDOWS, config["limit"] or math.inf),),
+                               generator=torch.Generator().manual_seed(0)).to(device)
+        windows = steps_per_epoch(config) * config["batch_size"]
+        return TextData(train, context, windows), TextData(val, context, starts=starts)
     dataset, arrays = DATASETS[config["dataset"]], load_dataset(config["dataset"], config["data_dir"])
+    for split, images, labels in (("training", *arrays[:2]), ("test", *arrays[2:])):
+        if len(images) != len(labels):
+            raise RunError(f"{config['dataset']} in {config['data_dir']}: its {split} images file holds "
+                           f"{len(images)} images, its labels file {len(labels)}: re-copy them")
     images_train, labels_train, images_test, labels_test = [a[:config["limit"]].to(device) for a in arrays]
+    if len(images_train) != (expected := train_images(config)):  # the pruning schedule was laid out for it
+        raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(images_train)} training images, "
+                       f"not {expected}: replace the files, or pass --limit {len(images_train)}")
     options = dict(mean=dataset.mean, std=dataset.std, channels_last=channels_last_for(config))
     augment = config["dataset"] == "cifar10" or config["model"] == "resnet18"  # not LeNet-5 on MNIST
     return (DeviceData(images_train, labels_train.long(), augment=augment, **options),
@@ -209,6 +300,8 @@ def channels_last_for(config):
 
 
 def make_model(config, device):
+    if config["model"] == "gpt":
+        return GPT(**GPT_SHAPES[GPT_SHAPE]).to(device)  # its vocabulary: Tiny Shakespeare's 65 characters
     dataset = DATASETS[config["dataset"]]
     model = build_model(config["model"], dataset.channels, dataset.classes, dataset.side).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last_for(config) else model
@@ -347,27 +440,32 @@ class MovementPruning(GradualPruning):
 
 
 def make_optimizer(config, model, total_steps):
-    """(optimizer, lr scheduler or None, pruning method or None) for the config."""
-    name, lr, params = config["optimizer"], config["lr"], list(model.parameters())
-    weight_decay = OPTIMIZERS[name][1]
+    """(optimizer, lr scheduler or None, pruning method or None) for the config. The GPT: nanoGPT's two
+    parameter groups (weight decay on the 2-D tensors only), its betas and its warmup-cosine schedule."""
+    name, lr, params, gpt = config["optimizer"], config["lr"], list(model.parameters()), config["model"] == "gpt"
+    weight_decay = GPT_WEIGHT_DECAY if gpt and name not in ("sgd", "adam") else OPTIMIZERS[name][1]
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}] if gpt else params
+    adam = dict(lr=lr, weight_decay=weight_decay, **({"betas": GPT_BETAS} if gpt else {}))
     scheduler = pruning = None
     replicas = dist.group.WORLD if dist.is_initialized() and not config["fsdp"] else None  # DDP: checked
     schedule = {key: config[key] for key in ("prune_start", "prune_end", "prune_every")}
     if name == "sgd":  # Robbins & Monro 1951, with heavy-ball momentum (Polyak 1964)
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     elif name == "adam":  # Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization" (arXiv:1412.6980)
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.Adam(groups, **adam)
     elif name == "adamw":  # Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (1711.05101)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(groups, **adam)
     elif name == "adamwadv":  # AdamW + AMSGrad (Reddi et al. 2018, "On the Convergence of Adam and Beyond")
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=True)
+        optimizer = torch.optim.AdamW(groups, **adam, amsgrad=True)
     elif name == "adamwspam":
-        optimizer = AdamWSPAM(params, lr=lr, weight_decay=weight_decay)
+        optimizer = AdamWSPAM(groups, **adam)
     else:
-        optimizer = AdamWPrune(params, lr=lr, weight_decay=weight_decay, sparsity=config["sparsity"],
-                               schedule=SCHEDULE,
+        optimizer = AdamWPrune(groups, **adam, sparsity=config["sparsity"], schedule=SCHEDULE,
                                importance=config["importance"], check_replicas=replicas, **schedule)
-    if config["lr_schedule"] == "cosine" or name == "adamwadv":  # stepped once per optimizer step
+    if config["lr_schedule"] == "warmup-cosine":  # each scheduler is stepped once per optimizer step
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: warmup_cosine(t, total_steps))
+    elif config["lr_schedule"] == "cosine" or name == "adamwadv":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config["pruning"] in ("magnitude", "movement"):
         method = MagnitudePruning if config["pruning"] == "magnitude" else MovementPruning
@@ -375,36 +473,46 @@ def make_optimizer(config, model, total_steps):
     return optimizer, scheduler, pruning
 
 
+def warmup_cosine(t, total_steps):
+    """nanoGPT's learning-rate factor at step t (from 0): linear warm-up, then a cosine down to MIN_LR_FRACTION."""
+    if t < WARMUP_STEPS:
+        return (t + 1) / (WARMUP_STEPS + 1)
+    progress = min(1.0, (t - WARMUP_STEPS) / max(1, total_steps - WARMUP_STEPS))
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * (1 + math.cos(math.pi * progress)) / 2
+
+
 # --- the loop: one epoch, an evaluation, a whole run ---
 def train_epoch(state, data, epoch, show_progress=None):
-    """One epoch over `data`, shuffled (and augmented) by state.generator; (mean loss, accuracy %).
-    On a terminal one line updates in place (every half second: that reads the loss, a sync)."""
+    """One epoch over `data`, shuffled (and augmented) by state.generator; (mean loss, accuracy %) per target
+    (an image's label; each next character of a window). On a terminal one line updates in place (every
+    half second: that reads the loss, a sync)."""
     model, optimizer, config, (rank, ranks) = state.model, state.optimizer, state.config, rank_and_world()
     show_progress = sys.stdout.isatty() if show_progress is None else show_progress
     model.train()
-    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # this rank's
-    steps, seen = math.ceil(len(data) / config["batch_size"]), 0  # seen: this rank's images
+    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.device)  # this rank's
+    steps, seen = math.ceil(len(data) / config["batch_size"]), 0  # seen: this rank's targets
     start = last_shown = time.perf_counter()
     buffers = state.pruning.buffers() if state.pruning else []
-    first_bad = torch.zeros((), dtype=torch.float64, device=data.labels.device)  # step of a nan/inf loss
+    first_bad = torch.zeros((), dtype=torch.float64, device=data.device)  # step of a nan/inf loss
     for i, (x, y) in enumerate(data.batches(config["batch_size"], state.generator, rank, ranks), 1):
         t = state.step + 1  # this optimizer step; memory is measured every few steps and at mask updates
         sample = t % state.monitor.every == 0 or config["pruning"] != "none" and mask_update_due(t, config)
         with state.monitor.step(t, model, optimizer, buffers, sample=sample):
             # 1) forward and backward: the mean loss of the whole batch, as DDP and FSDP2 average over ranks
             with autocast(config):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, reduction="sum")  # over this rank's slice
+                logits = model(x)  # (B, classes); the GPT's (B, T, vocabulary)
+                loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum")  # this rank's slice
             optimizer.zero_grad(set_to_none=True)
-            (loss * ranks / min(config["batch_size"], len(data) - (i - 1) * config["batch_size"])).backward()
+            rows = min(config["batch_size"], len(data) - (i - 1) * config["batch_size"])  # of every rank
+            (loss * ranks / (rows * data.targets_per_row)).backward()
             # 2) the update
             update(config, model, optimizer, state.scheduler, state.pruning)
         state.step += 1
         # 3) bookkeeping, on the device until shown
         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), state.step, first_bad)
         loss_sum += loss.detach()
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
+        correct += (logits.argmax(-1) == y).sum()
+        seen += y.numel()
         if state.step % state.monitor.every == 0:
             state.sparsity_timeline.append({"step": state.step, "sparsity": prunable_sparsity(model)})
         now = time.perf_counter()
@@ -414,7 +522,7 @@ def train_epoch(state, data, epoch, show_progress=None):
             print(f"\repoch {epoch}/{config['epochs']} [{i:>{len(str(steps))}}/{steps}] "
                   f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:5.2f}% "
                   f"{seen * ranks / elapsed:,.0f} "
-                  f"img/s ETA {elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}",
+                  f"{'tok' if config['model'] == 'gpt' else 'img'}/s ETA {elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}",
                   end="", flush=True)
     loss_sum, correct, seen = over_ranks([loss_sum, correct, seen], loss_sum.device)
     if bad_step := int(over_ranks([first_bad], first_bad.device, dist.ReduceOp.MAX)[0]):
@@ -427,7 +535,7 @@ def update(config, model, optimizer, scheduler, pruning):
     """A training step after backward: pruning scores see this step's gradients; masks act after the step."""
     if pruning:
         pruning.observe()
-    if config["optimizer"] == "adamwadv":
+    if config["optimizer"] == "adamwadv" or config["model"] == "gpt":
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
     optimizer.step()
     if scheduler:
@@ -443,16 +551,17 @@ def autocast(config):
 
 @torch.no_grad()
 def evaluate(model, data, config):
-    """(mean loss, accuracy in percent) over `data` (each rank evaluates its slices)."""
+    """(mean loss, accuracy in percent) per target over `data` (each rank evaluates its slices)."""
     model.eval()
-    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.labels.device)  # read at the end
+    loss_sum, correct = torch.zeros(2, dtype=torch.float64, device=data.device)  # read at the end
     for x, y in data.batches(EVAL_BATCH_SIZE, None, *rank_and_world()):
         with autocast(config):
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        loss_sum += F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="sum")
+        correct += (logits.argmax(-1) == y).sum()
     loss_sum, correct = over_ranks([loss_sum, correct], loss_sum.device)
-    return loss_sum / len(data), 100.0 * correct / len(data)
+    targets = len(data) * data.targets_per_row
+    return loss_sum / targets, 100.0 * correct / targets
 
 
 def prunable_sparsity(model):
@@ -482,18 +591,33 @@ def train(config):
         epoch_seconds = time.perf_counter() - start
         # 3) its line, its history, and a checkpoint
         state.wall_seconds += epoch_seconds
-        state.epoch, sparsity = epoch, prunable_sparsity(state.model)
-        state.history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                              "test_loss": test_loss, "test_accuracy": test_accuracy, "sparsity": sparsity,
+        state.epoch, sparsity, held_out = epoch, prunable_sparsity(state.model), split_name(config)
+        state.history.append({"epoch": epoch, "step": state.step, "train_loss": train_loss,
+                              "train_accuracy": train_accuracy, f"{held_out}_loss": test_loss,
+                              f"{held_out}_accuracy": test_accuracy, "sparsity": sparsity,
                               "epoch_seconds": epoch_seconds})
+        if held_out == "val":  # the GPT: perplexity, exp(loss per character)
+            state.history[-1]["val_perplexity"] = math.exp(min(test_loss, 700))
         print("\r\x1b[K" if sys.stdout.isatty() else "", end="")  # clear the progress line
-        print(f"epoch {epoch}/{config['epochs']} train loss {train_loss:.4f} acc {train_accuracy:5.2f}% | "
-              f"test loss {test_loss:.4f} acc {test_accuracy:5.2f}% | sparsity {sparsity:6.2%} | "
-              f"{epoch_seconds:.1f} s", flush=True)
+        print(f"epoch {epoch}/{config['epochs']} (step {state.step}) train loss {train_loss:.4f} acc "
+              f"{train_accuracy:5.2f}% | {held_out} loss {test_loss:.4f} acc {test_accuracy:5.2f}% | "
+              f"sparsity {sparsity:6.2%} | {epoch_seconds:.1f} s", flush=True)
         if rank == 0 or config["fsdp"]:
             save_checkpoint(state, path)
     # 4) results.json and the pruned model
     return write_results(state)
+
+
+def split_name(config):
+    """What the held-out split is called: nanoGPT's "val" for the GPT, "test" for the image data sets."""
+    return "val" if config["model"] == "gpt" else "test"
+
+
+def metric(config):
+    """The figure a run is judged by: (its key in results.json's history and final, label, higher is better)."""
+    if config["model"] == "gpt":
+        return "val_loss", "validation loss (nats per character)", False
+    return "test_accuracy", "test accuracy (%)", True
 
 
 # --- several processes: torchrun, DDP, FSDP2 ---
@@ -521,7 +645,8 @@ def wrapped(model, config):
     if not config["fsdp"]:
         return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # in buckets
     mesh = dist.init_device_mesh(torch.device(config["device"]).type, (rank_and_world()[1],))  # run's device
-    for block in model.stages if config["model"] == "resnet18" else model.children():  # BasicBlocks; layers
+    blocks = model.stages if config["model"] == "resnet18" else model.children()  # BasicBlocks; layers
+    for block in model.blocks if config["model"] == "gpt" else blocks:  # the GPT's transformer blocks
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
@@ -598,13 +723,6 @@ def setup(config):
     """(TrainingState, train data, test data) for a config, seeded."""
     device = torch.device(config["device"])
     train_data, test_data = load_data(config, device)
-    for split, data in (("training", train_data), ("test", test_data)):
-        if len(data.images) != len(data.labels):
-            raise RunError(f"{config['dataset']} in {config['data_dir']}: its {split} images file holds "
-                           f"{len(data.images)} images, its labels file {len(data.labels)}: re-copy them")
-    if len(train_data) != (expected := train_images(config)):  # the pruning schedule was laid out for it
-        raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(train_data)} training images, "
-                       f"not {expected}: replace the files, or pass --limit {len(train_data)}")
     torch.manual_seed(config["seed"])
     model = wrapped(make_model(config, device), config)
     total_steps = config["epochs"] * steps_per_epoch(config)
@@ -643,9 +761,10 @@ def write_results(state):
         largest = over_ranks([report[key] for key in keys], device, dist.ReduceOp.MAX)
         report.update(zip(keys, map(round, largest)),
                       per_rank=f"{', '.join(keys)}: the largest of {ranks} ranks; timeline: rank 0's")
+    key, label, higher_is_better = metric(config)
     results = {
         "config": config, "history": state.history, "sparsity_timeline": state.sparsity_timeline,
-        "memory": report,
+        "metric": {"key": key, "label": label, "higher_is_better": higher_is_better}, "memory": report,
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__,
@@ -655,11 +774,12 @@ def write_results(state):
             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
             "world_size": ranks, "backend": dist.get_backend() if ranks > 1 else None,
             "sharded": config["fsdp"]},
-        "final": {"test_accuracy": state.history[-1]["test_accuracy"],
-                  "sparsity": prunable_sparsity(state.model), "peak_memory_bytes": report["peak_bytes"],
+        "final": {key: state.history[-1][key], "sparsity": prunable_sparsity(state.model), "peak_memory_bytes": report["peak_bytes"],
                   "peak_reserved_bytes": report["peak_reserved_bytes"],
                   "wall_seconds": state.wall_seconds},  # peak reserved: CUDA only (None on the CPU)
     }
+    if key == "val_loss":
+        results["final"]["val_perplexity"] = state.history[-1]["val_perplexity"]
     if config["pruning"] != "none":  # the pruned model, smaller on disk (FSDP2: gathered, on every rank)
         weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
                    for k, v in getattr(state.model, "module", state.model).state_dict().items()}
@@ -718,7 +838,7 @@ def comparison_runs(config):
             row = {k: v for k, v in config.items() if k not in ("compare", "ablation", "plot", "sparsities")}
             runs.append((name, {**row, "optimizer": optimizer, "pruning": pruning, "sparsity": row_sparsity,
                                 "importance": importance or config["importance"],
-                                "lr": OPTIMIZERS[optimizer][0],
+                                "lr": default_lr(config["model"], optimizer),
                                 "out": out, "resume": False}))
     return runs
 
@@ -747,12 +867,12 @@ def compare(config):
         results = results or train({**row_config, "resume": resuming})
         rows.append(plot.comparison_row(name, row_config, results, out))
         if rank_and_world()[0] == 0:  # one writer
-            plot.write_comparison(out, config, rows, results["environment"])
+            plot.write_comparison(out, config, rows, results["environment"], plot.metric_of(results))
     if rank_and_world()[0] > 0:
         return rows
-    paths = plot.render_svgs(out) if config["plot"] != "text" else []
+    paths, comparison = plot.render_svgs(out) if config["plot"] != "text" else [], plot.load_comparison(out)[0]
     print(plot.text_report(out) if config["plot"] != "svg"  # the text plots end with the table
-          else "\n".join(plot.table_lines(plot.load_comparison(out)[0]["rows"], plot.LABEL_COLUMNS)))
+          else "\n".join(plot.table_lines(comparison["rows"], plot.LABEL_COLUMNS, plot.metric_of(comparison))))
     print(f"comparison: {os.path.join(out, 'comparison.json')}, .csv and {len(paths)} SVG plots in {out}")
     return rows
 
@@ -780,24 +900,27 @@ def parse_args(argv=None, writes=True):
     callers that write nothing to --out (memory.py's benchmarks), a run already there is no reason to stop."""
     p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
     add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
-    add("--model", choices=("lenet5", "resnet18"), default="lenet5", help="network (default: lenet5)")
-    add("--dataset", choices=tuple(DATASETS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
+    add("--model", choices=tuple(DEFAULT_DATASET), default="lenet5", help="network (default: lenet5)")
+    add("--dataset", choices=(*DATASETS, *TEXTS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
     add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune",
         help="optimizer (default: adamwprune)")
     add("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
         "(default: state for adamwprune, none otherwise)")
     add("--sparsity", type=SPARSITIES, metavar="S", help="final fraction of prunable weights (2+ dims) "
         "pruned, in [0, 1); with --compare a list such as 0.5,0.7,0.9 sweeps "
-        f"(default: {DEFAULT_SPARSITY} when pruning, else 0)")
+        f"(default when pruning: {per_model(DEFAULT_SPARSITY)}; else 0)")
     add("--importance", choices=IMPORTANCES,
         help=f"AdamWPrune's importance score (default: {DEFAULT_IMPORTANCE})")
-    add("--epochs", type=COUNT, metavar="N", help=f"epochs to train (default: {per_model(DEFAULT_EPOCHS)})")
-    add("--batch-size", type=COUNT, default=BATCH_SIZE, metavar="N",
-        help=f"global batch size (default: {BATCH_SIZE})")
+    add("--epochs", type=COUNT, metavar="N", help="epochs to train; the GPT's epoch is 250 optimizer steps "
+        f"(default: {per_model(DEFAULT_EPOCHS)})")
+    add("--batch-size", type=COUNT, metavar="N", help="global batch size: images, or the GPT's windows of 64 "
+        f"characters (default: {per_model(BATCH_SIZE)})")
     add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
-        + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + ")")
-    add("--lr-schedule", choices=("constant", "cosine"), help="learning rate over the run: constant, or "
-        "cosine annealing to 0 at the last step; adamwadv is always cosine "
+        + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + "; for the GPT: "
+        + ", ".join(f"{name} {lr:g}" for name, lr in GPT_LR.items()) + ")")
+    add("--lr-schedule", choices=("constant", "cosine", "warmup-cosine"), help="learning rate over the run: "
+        "constant, cosine annealing to 0 at the last step, or nanoGPT's 100 warm-up steps and cosine to lr / 10; "
+        "adamwadv is cosine where constant is asked "
         f"(default: {per_model(DEFAULT_LR_SCHEDULE)})")
     add("--prune-start", type=int, metavar="STEP",
         help="optimizer step where pruning starts "
@@ -818,7 +941,8 @@ def parse_args(argv=None, writes=True):
     add("--out", metavar="DIR", help="where results.json and checkpoint.pt go; a run there is continued with "
         "--resume, never overwritten (default: results/<model>-<optimizer>-<pruning>-<sparsity>)")
     add("--resume", action="store_true", help="continue the run in --out (same flags as the stopped run)")
-    add("--limit", type=COUNT, metavar="N", help="use only the first N images of each split (default: all)")
+    add("--limit", type=COUNT, metavar="N", help="use only the first N images of each split; the GPT: N "
+        "windows per epoch and at most N validation windows (default: all)")
     add("--compare", action="store_true", help="run every optimizer/pruning pairing of the study on one seed "
         "and schedule, write comparison.json, .csv and SVG plots to --out "
         "(default: results/compare-<model>-<dataset>)")
@@ -836,12 +960,16 @@ def parse_args(argv=None, writes=True):
     adamwprune, compare = args.optimizer == "adamwprune", args.compare
     args.pruning = args.pruning or ("state" if adamwprune else "none")
     pruning = args.pruning != "none"
-    args.sparsities = args.sparsity or [DEFAULT_SPARSITY if pruning else 0.0]  # more than one: a sweep
+    args.sparsities = args.sparsity or [DEFAULT_SPARSITY[args.model] if pruning else 0.0]  # several: a sweep
     args.sparsity = args.sparsities[0]
     args.importance = args.importance or DEFAULT_IMPORTANCE
     args.dataset = args.dataset or DEFAULT_DATASET[args.model]
+    args.batch_size = args.batch_size or BATCH_SIZE[args.model]
+    if (args.dataset in TEXTS) != (args.model == "gpt"):  # the data's length sets the schedule's: first
+        p.error(f"--model {args.model} does not take --dataset {args.dataset}: the GPT reads text "
+                f"({', '.join(TEXTS)}), the image models images ({', '.join(DATASETS)})")
     args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
-    args.lr = args.lr or OPTIMIZERS[args.optimizer][0]
+    args.lr = args.lr or default_lr(args.model, args.optimizer)
     args.lr_schedule = args.lr_schedule or DEFAULT_LR_SCHEDULE[args.model]
     if args.dry_run:
         args.epochs, args.limit = 1, min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
@@ -917,8 +1045,10 @@ def main(argv=None):
                 return compare(config)
             final = train(config)["final"]
             reserved = final["peak_reserved_bytes"] and memory.format_bytes(final["peak_reserved_bytes"])
+            key, label, _ = metric(config)
             print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: "
-                  f"test accuracy {final['test_accuracy']:.2f}%, sparsity {final['sparsity']:.1%}, "
+                  f"{label.replace(' (%)', '')} {final[key]:.{2 if key == 'test_accuracy' else 4}f}"
+                  f"{'%' if key == 'test_accuracy' else ''}, sparsity {final['sparsity']:.1%}, "
                   "peak memory "
                   f"{memory.format_bytes(final['peak_memory_bytes'])}"
                   f"{f' ({reserved} reserved)' if reserved else ''}"
