@@ -13,11 +13,12 @@ Train LeNet-5, ResNet-18 or a GPT while pruning, with AdamWPrune or a baseline o
     $ torchrun --standalone --nproc-per-node 2 train.py       # 2 processes (DDP); add --fsdp to shard
 
 Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
-"final"; accuracies in percent; the GPT's in validation loss), DIR/checkpoint.pt after each epoch (torchrun --fsdp: process N's
+"final"; accuracies in percent; the GPT's in validation loss), DIR/checkpoint.pt after each epoch
+(torchrun --fsdp: process N's
 checkpoint.rankN.pt) and, when it prunes, DIR/model.pruned.pt: the pruned weights, compacted
 (adamwprune.compact_state_dict). The data set lives on the device as uint8 tensors (text: as tokens);
 batches are gathered and augmented (ResNet-18, CIFAR-10) there. The GPT's "epoch" is an evaluation
-interval: 250 optimizer steps on random windows of the text, so its default 8 epochs are nanoGPT's 2,000 steps.
+interval: 250 optimizer steps on random windows of the text; its default 8 epochs are nanoGPT's 2,000 steps.
 """
 import argparse
 import collections
@@ -55,23 +56,24 @@ DATASETS = {  # mean and std: per channel, of the training images scaled to [0, 
     "cifar10": Dataset("CIFAR10", 3, 32, 10, 50000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 TEXTS = {  # name: (file in --data-dir, where it is downloaded from, its sha256): nanoGPT's shakespeare_char
-    "shakespeare": ("tinyshakespeare.txt", "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-                    "tinyshakespeare/input.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    "shakespeare": ("tinyshakespeare.txt",
+                    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+                    "input.txt",
+                    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
 }
 SYSTEM_DATA_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian's dataset-fashion-mnist
 DEFAULT_DATASET = {"lenet5": "fashion-mnist", "resnet18": "cifar10", "gpt": "shakespeare"}
 DEFAULT_EPOCHS = {"lenet5": 10, "resnet18": 50, "gpt": 8}  # resnet18: not measured on this project's CPUs
 DEFAULT_LR_SCHEDULE = {"lenet5": "constant", "resnet18": "cosine",  # cosine: SGDR (Loshchilov & Hutter 2017)
                        "gpt": "warmup-cosine"}  # nanoGPT's: linear warm-up, then cosine down to lr / 10
-OPTIMIZERS = {  # name: (default learning rate, weight decay); lr: the sweep in README.md
-    "sgd": (0.03, 5e-4),  # momentum 0.9, L2 decay in the gradient
-    "adam": (1e-3, 0.0),
-    "adamw": (1e-3, 1e-2),  # decoupled decay, torch's default
-    "adamwadv": (3e-3, 1e-2),  # + amsgrad, cosine lr whatever --lr-schedule, grad-norm clipping
-    "adamwspam": (1e-3, 1e-2),
-    "adamwprune": (1e-3, 1e-2),  # AdamW's: the comparison shares one recipe
+OPTIMIZERS = {  # name: (learning rate, weight decay, the GPT's learning rate); rates: the sweeps in README.md
+    "sgd": (0.03, 5e-4, 0.3),  # momentum 0.9, L2 decay in the gradient
+    "adam": (1e-3, 0.0, 1e-3),
+    "adamw": (1e-3, 1e-2, 1e-3),  # decoupled decay, torch's default (the GPT: nanoGPT's 0.1)
+    "adamwadv": (3e-3, 1e-2, 1e-3),  # + amsgrad, cosine lr whatever --lr-schedule, grad-norm clipping
+    "adamwspam": (1e-3, 1e-2, 1e-3),
+    "adamwprune": (1e-3, 1e-2, 1e-3),  # AdamW's: the comparison shares one recipe
 }
-GPT_LR = {"sgd": 0.3, "adam": 1e-3, "adamw": 1e-3, "adamwadv": 1e-3, "adamwspam": 1e-3, "adamwprune": 1e-3}
 PRUNINGS = ("none", "magnitude", "movement", "state")
 DEFAULT_SPARSITY = {"lenet5": 0.7, "resnet18": 0.7, "gpt": 0.5}  # when pruning
 SCHEDULE = "cubic"  # every method's sparsity schedule (Zhu & Gupta 2017)
@@ -86,7 +88,7 @@ DRY_RUN_BATCHES = 2  # --dry-run: one epoch of this many batches (and as many te
 GPT_SHAPE, GPT_BETAS, GPT_WEIGHT_DECAY = "gpt-tiny", (0.9, 0.99), 0.1  # nanoGPT's shakespeare_char recipe
 EVAL_INTERVAL = 250  # the GPT's epoch: optimizer steps between evaluations (nanoGPT's eval_interval)
 EVAL_WINDOWS = 480  # fixed validation windows, 64 characters each: the forward passes of nanoGPT's evaluation
-WARMUP_STEPS, MIN_LR_FRACTION = 100, 0.1  # warmup-cosine: lr * (t + 1) / 101 for t < 100, then cosine to lr / 10
+WARMUP_STEPS, MIN_LR_FRACTION = 100, 0.1  # warmup-cosine: lr (t + 1) / 101 for t < 100, a cosine to lr / 10
 
 
 def train_images(config):
@@ -102,72 +104,11 @@ def steps_per_epoch(config):
     return math.ceil(train_images(config) / config["batch_size"])
 
 
-def default_lr(model, optimizer):
-    return GPT_LR[optimizer] if model == "gpt" else OPTIMIZERS[optimizer][0]
-
-
 class RunError(Exception):
     """A problem the user can fix (missing data, a damaged file, other flags): main() prints it."""
 
 
-# --- data ---
-IDX_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") 
-             for kind in ("images-idx3", "labels-idx1")]
-
-
-def read_idx(path):
-    """An IDX file (the MNIST format; gzipped or not) as a uint8 tensor of its shape; RunError if damaged."""
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except Exception as error:  # gzip raises OSError, EOFError or zlib.error on a damaged or cut stream
-        raise RunError(f"{path} cannot be read ({error}): re-copy the data set") from None
-    if data[:3] != b"\x00\x00\x08" or len(data) < 4:  # magic: two zero bytes, type 0x08 (uint8), dims
-        raise RunError(f"{path} is not an IDX file of uint8 values: re-copy the data set")
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if (found := len(data) - 4 - 4 * ndim) != math.prod(shape):  # one byte per value after the header
-        raise RunError(f"{path} is cut short or damaged (header {shape}, {max(found, 0)} values): "
-                       "re-copy the data set")
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
-
-
-def torchvision_download(name, data_dir):
-    """The data set through its torchvision class, downloaded into data_dir when missing."""
-    import torchvision
-    cls = getattr(torchvision.datasets, DATASETS[name].torchvision)
-    splits = []
-    for train in (True, False):
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            dataset = cls(data_dir, train=train, download=True)  # quiet; once there, it downloads nothing
-        images = torch.as_tensor(dataset.data)
-        images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)  # (N, C, H, W)
-        splits += [images.contiguous(), torch.as_tensor(dataset.targets)]
-    return splits
-
-
-def load_dataset(name, data_dir):
-    """[train_images, train_labels, test_images, test_labels]: uint8 (N, C, H, W) and labels, on the CPU.
-    MNIST and Fashion-MNIST are read from IDX files where found (torchvision's layout under data_dir,
-    data_dir, Debian's /usr/share/datasets); else torchvision downloads the data set into data_dir."""
-    torchvision_layout = os.path.join(data_dir, DATASETS[name].torchvision, "raw")
-    tried = [d for d in (torchvision_layout, data_dir, SYSTEM_DATA_DIRS.get(name)) if d and name != "cifar10"]
-    for directory in tried:
-        paths = [next((p for p in (path, path + ".gz") if os.path.exists(p)), None)  # plain or gzipped
-                 for path in (os.path.join(directory, file) for file in IDX_FILES)]
-        if all(paths):  # images (N, H, W) become (N, C, H, W)
-            return [array.unsqueeze(1) if array.dim() == 3 else array for array in map(read_idx, paths)]
-    try:
-        return torchvision_download(name, data_dir)
-    except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]  # torchvision's last word
-        apt = (" or `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else
-               " or use --dataset fashion-mnist, which Debian's dataset-fashion-mnist provides offline,")
-        raise RunError(f"could not load {name}: looked in {', '.join(tried) or data_dir}, then tried to "
-                       f"download it into {data_dir} ({reason}). To fix: point --data-dir DIR at a copy "
-                       f"of the files,{apt} or run once with network access to download it.") from None
-
-
+# --- data, held on the device (read from the files by the functions at "the data sets on disk") ---
 def random_crop_flip(images, shifts, flips, pad=4):
     """Random crop after zero-padding by `pad`, then a horizontal flip, for a whole batch at once: CIFAR-10's
     augmentation (He et al. 2016), which Zhong et al. 2020 (arXiv:1708.04896) used on Fashion-MNIST too.
@@ -216,34 +157,6 @@ class DeviceData:
             yield x, self.labels[index]
 
 
-def load_text(name, data_dir):
-    """(the text's characters as int64 token ids, its vocabulary: the sorted characters). Read from data_dir;
-    when the file is missing, downloaded there first. Either way it must match its sha256."""
-    file, url, sha256 = TEXTS[name]
-    path = os.path.join(data_dir, file)
-    if not os.path.exists(path):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                data = response.read()
-        except Exception as error:  # URLError, OSError, timeouts, ... when offline
-            raise RunError(f"could not load {name}: {path} is missing, and downloading it from {url} failed "
-                           f"({error}). To fix: copy the file there (or point --data-dir DIR at a folder "
-                           f"holding {file}), or run once with network access to download it") from None
-        if hashlib.sha256(data).hexdigest() == sha256:  # a failed download writes nothing
-            os.makedirs(data_dir, exist_ok=True)
-            plot.write_atomic(path, lambda f: f.write(data), binary=True)
-    else:
-        with open(path, "rb") as f:
-            data = f.read()
-    if (digest := hashlib.sha256(data).hexdigest()) != sha256:  # never written over: the user's file
-        raise RunError(f"{path if os.path.exists(path) else url} is not the expected {name} text (sha256 "
-                       f"{digest[:16]}..., not {sha256[:16]}...): replace it with the file from {url}")
-    vocabulary = sorted(set(data))  # Tiny Shakespeare: 65 ASCII characters, so one byte is one character
-    ids = torch.zeros(256, dtype=torch.int64)
-    ids[vocabulary] = torch.arange(len(vocabulary))
-    return ids[torch.frombuffer(bytearray(data), dtype=torch.uint8).long()], bytes(vocabulary).decode()
-
-
 class TextData:
     """One split of a text held whole as tokens on the device, served as (B, T) windows of it and their
     next tokens: len(self) windows at random starts drawn by the CPU `generator` (training), or the
@@ -286,8 +199,8 @@ def load_data(config, device):
                            f"{len(images)} images, its labels file {len(labels)}: re-copy them")
     images_train, labels_train, images_test, labels_test = [a[:config["limit"]].to(device) for a in arrays]
     if len(images_train) != (expected := train_images(config)):  # the pruning schedule was laid out for it
-        raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(images_train)} training images, "
-                       f"not {expected}: replace the files, or pass --limit {len(images_train)}")
+        raise RunError(f"{config['dataset']} in {config['data_dir']} has {len(images_train)} training "
+                       f"images, not {expected}: replace the files, or pass --limit {len(images_train)}")
     options = dict(mean=dataset.mean, std=dataset.std, channels_last=channels_last_for(config))
     augment = config["dataset"] == "cifar10" or config["model"] == "resnet18"  # not LeNet-5 on MNIST
     return (DeviceData(images_train, labels_train.long(), augment=augment, **options),
@@ -439,48 +352,6 @@ class MovementPruning(GradualPruning):
         return self.masks + self.score
 
 
-def make_optimizer(config, model, total_steps):
-    """(optimizer, lr scheduler or None, pruning method or None) for the config. The GPT: nanoGPT's two
-    parameter groups (weight decay on the 2-D tensors only), its betas and its warmup-cosine schedule."""
-    name, lr, params, gpt = config["optimizer"], config["lr"], list(model.parameters()), config["model"] == "gpt"
-    weight_decay = GPT_WEIGHT_DECAY if gpt and name not in ("sgd", "adam") else OPTIMIZERS[name][1]
-    groups = [{"params": [p for p in params if p.dim() >= 2]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}] if gpt else params
-    adam = dict(lr=lr, weight_decay=weight_decay, **({"betas": GPT_BETAS} if gpt else {}))
-    scheduler = pruning = None
-    replicas = dist.group.WORLD if dist.is_initialized() and not config["fsdp"] else None  # DDP: checked
-    schedule = {key: config[key] for key in ("prune_start", "prune_end", "prune_every")}
-    if name == "sgd":  # Robbins & Monro 1951, with heavy-ball momentum (Polyak 1964)
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    elif name == "adam":  # Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization" (arXiv:1412.6980)
-        optimizer = torch.optim.Adam(groups, **adam)
-    elif name == "adamw":  # Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (1711.05101)
-        optimizer = torch.optim.AdamW(groups, **adam)
-    elif name == "adamwadv":  # AdamW + AMSGrad (Reddi et al. 2018, "On the Convergence of Adam and Beyond")
-        optimizer = torch.optim.AdamW(groups, **adam, amsgrad=True)
-    elif name == "adamwspam":
-        optimizer = AdamWSPAM(groups, **adam)
-    else:
-        optimizer = AdamWPrune(groups, **adam, sparsity=config["sparsity"], schedule=SCHEDULE,
-                               importance=config["importance"], check_replicas=replicas, **schedule)
-    if config["lr_schedule"] == "warmup-cosine":  # each scheduler is stepped once per optimizer step
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: warmup_cosine(t, total_steps))
-    elif config["lr_schedule"] == "cosine" or name == "adamwadv":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if config["pruning"] in ("magnitude", "movement"):
-        method = MagnitudePruning if config["pruning"] == "magnitude" else MovementPruning
-        pruning = method(params, config["sparsity"], check_replicas=replicas, **schedule)
-    return optimizer, scheduler, pruning
-
-
-def warmup_cosine(t, total_steps):
-    """nanoGPT's learning-rate factor at step t (from 0): linear warm-up, then a cosine down to MIN_LR_FRACTION."""
-    if t < WARMUP_STEPS:
-        return (t + 1) / (WARMUP_STEPS + 1)
-    progress = min(1.0, (t - WARMUP_STEPS) / max(1, total_steps - WARMUP_STEPS))
-    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * (1 + math.cos(math.pi * progress)) / 2
-
-
 # --- the loop: one epoch, an evaluation, a whole run ---
 def train_epoch(state, data, epoch, show_progress=None):
     """One epoch over `data`, shuffled (and augmented) by state.generator; (mean loss, accuracy %) per target
@@ -501,7 +372,7 @@ def train_epoch(state, data, epoch, show_progress=None):
             # 1) forward and backward: the mean loss of the whole batch, as DDP and FSDP2 average over ranks
             with autocast(config):
                 logits = model(x)  # (B, classes); the GPT's (B, T, vocabulary)
-                loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum")  # this rank's slice
+                loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum")  # this rank's
             optimizer.zero_grad(set_to_none=True)
             rows = min(config["batch_size"], len(data) - (i - 1) * config["batch_size"])  # of every rank
             (loss * ranks / (rows * data.targets_per_row)).backward()
@@ -521,8 +392,8 @@ def train_epoch(state, data, epoch, show_progress=None):
             memory_bytes = state.monitor.timeline[-1]["step_peak_bytes"] if state.monitor.timeline else 0
             print(f"\repoch {epoch}/{config['epochs']} [{i:>{len(str(steps))}}/{steps}] "
                   f"loss {loss_sum / seen:.4f} acc {100.0 * correct / seen:5.2f}% "
-                  f"{seen * ranks / elapsed:,.0f} "
-                  f"{'tok' if config['model'] == 'gpt' else 'img'}/s ETA {elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}",
+                  f"{seen * ranks / elapsed:,.0f} {'tok' if config['model'] == 'gpt' else 'img'}/s "
+                  f"ETA {elapsed / i * (steps - i):3.0f} s mem {memory.format_bytes(memory_bytes)}",
                   end="", flush=True)
     loss_sum, correct, seen = over_ranks([loss_sum, correct, seen], loss_sum.device)
     if bad_step := int(over_ranks([first_bad], first_bad.device, dist.ReduceOp.MAX)[0]):
@@ -591,7 +462,8 @@ def train(config):
         epoch_seconds = time.perf_counter() - start
         # 3) its line, its history, and a checkpoint
         state.wall_seconds += epoch_seconds
-        state.epoch, sparsity, held_out = epoch, prunable_sparsity(state.model), split_name(config)
+        state.epoch, sparsity = epoch, prunable_sparsity(state.model)
+        held_out = metric(config)[0].split("_")[0]  # "test", or the GPT's "val"
         state.history.append({"epoch": epoch, "step": state.step, "train_loss": train_loss,
                               "train_accuracy": train_accuracy, f"{held_out}_loss": test_loss,
                               f"{held_out}_accuracy": test_accuracy, "sparsity": sparsity,
@@ -608,13 +480,9 @@ def train(config):
     return write_results(state)
 
 
-def split_name(config):
-    """What the held-out split is called: nanoGPT's "val" for the GPT, "test" for the image data sets."""
-    return "val" if config["model"] == "gpt" else "test"
-
-
 def metric(config):
-    """The figure a run is judged by: (its key in results.json's history and final, label, higher is better)."""
+    """The figure a run is judged by: (its key in results.json's history and final, label, higher is better).
+    The key names the held-out split: nanoGPT's "val" for the GPT, "test" for the image data sets."""
     if config["model"] == "gpt":
         return "val_loss", "validation loss (nats per character)", False
     return "test_accuracy", "test accuracy (%)", True
@@ -659,7 +527,136 @@ def over_ranks(numbers, device, op=dist.ReduceOp.SUM):
     return values.tolist()
 
 
-# --- checkpoints and results ---
+# --- the data sets on disk: IDX files, torchvision's downloads, the text ---
+IDX_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") 
+             for kind in ("images-idx3", "labels-idx1")]
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format; gzipped or not) as a uint8 tensor of its shape; RunError if damaged."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except Exception as error:  # gzip raises OSError, EOFError or zlib.error on a damaged or cut stream
+        raise RunError(f"{path} cannot be read ({error}): re-copy the data set") from None
+    if data[:3] != b"\x00\x00\x08" or len(data) < 4:  # magic: two zero bytes, type 0x08 (uint8), dims
+        raise RunError(f"{path} is not an IDX file of uint8 values: re-copy the data set")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if (found := len(data) - 4 - 4 * ndim) != math.prod(shape):  # one byte per value after the header
+        raise RunError(f"{path} is cut short or damaged (header {shape}, {max(found, 0)} values): "
+                       "re-copy the data set")
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
+
+
+def torchvision_download(name, data_dir):
+    """The data set through its torchvision class, downloaded into data_dir when missing."""
+    import torchvision
+    cls = getattr(torchvision.datasets, DATASETS[name].torchvision)
+    splits = []
+    for train in (True, False):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            dataset = cls(data_dir, train=train, download=True)  # quiet; once there, it downloads nothing
+        images = torch.as_tensor(dataset.data)
+        images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)  # (N, C, H, W)
+        splits += [images.contiguous(), torch.as_tensor(dataset.targets)]
+    return splits
+
+
+def load_dataset(name, data_dir):
+    """[train_images, train_labels, test_images, test_labels]: uint8 (N, C, H, W) and labels, on the CPU.
+    MNIST and Fashion-MNIST are read from IDX files where found (torchvision's layout under data_dir,
+    data_dir, Debian's /usr/share/datasets); else torchvision downloads the data set into data_dir."""
+    torchvision_layout = os.path.join(data_dir, DATASETS[name].torchvision, "raw")
+    tried = [d for d in (torchvision_layout, data_dir, SYSTEM_DATA_DIRS.get(name)) if d and name != "cifar10"]
+    for directory in tried:
+        paths = [next((p for p in (path, path + ".gz") if os.path.exists(p)), None)  # plain or gzipped
+                 for path in (os.path.join(directory, file) for file in IDX_FILES)]
+        if all(paths):  # images (N, H, W) become (N, C, H, W)
+            return [array.unsqueeze(1) if array.dim() == 3 else array for array in map(read_idx, paths)]
+    try:
+        return torchvision_download(name, data_dir)
+    except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]  # torchvision's last word
+        apt = (" or `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else
+               " or use --dataset fashion-mnist, which Debian's dataset-fashion-mnist provides offline,")
+        raise RunError(f"could not load {name}: looked in {', '.join(tried) or data_dir}, then tried to "
+                       f"download it into {data_dir} ({reason}). To fix: point --data-dir DIR at a copy "
+                       f"of the files,{apt} or run once with network access to download it.") from None
+
+
+def load_text(name, data_dir):
+    """(the text's characters as int64 token ids, its vocabulary: the sorted characters). Read from data_dir;
+    when the file is missing, downloaded there first. Either way it must match its sha256."""
+    file, url, sha256 = TEXTS[name]
+    path = os.path.join(data_dir, file)
+    if not os.path.exists(path):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+        except Exception as error:  # URLError, OSError, timeouts, ... when offline
+            raise RunError(f"could not load {name}: {path} is missing, and downloading it from {url} failed "
+                           f"({error}). To fix: copy the file there (or point --data-dir DIR at a folder "
+                           f"holding {file}), or run once with network access to download it") from None
+        if hashlib.sha256(data).hexdigest() == sha256:  # a failed download writes nothing
+            os.makedirs(data_dir, exist_ok=True)
+            plot.write_atomic(path, lambda f: f.write(data), binary=True)
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    if (digest := hashlib.sha256(data).hexdigest()) != sha256:  # never written over: the user's file
+        raise RunError(f"{path if os.path.exists(path) else url} is not the expected {name} text (sha256 "
+                       f"{digest[:16]}..., not {sha256[:16]}...): replace it with the file from {url}")
+    vocabulary = sorted(set(data))  # Tiny Shakespeare: 65 ASCII characters, so one byte is one character
+    ids = torch.zeros(256, dtype=torch.int64)
+    ids[vocabulary] = torch.arange(len(vocabulary))
+    return ids[torch.frombuffer(bytearray(data), dtype=torch.uint8).long()], bytes(vocabulary).decode()
+
+
+# --- a run: its set-up (optimizer, schedule), checkpoints and results ---
+def make_optimizer(config, model, total_steps):
+    """(optimizer, lr scheduler or None, pruning method or None) for the config. The GPT: nanoGPT's two
+    parameter groups (weight decay on the 2-D tensors only), its betas and its warmup-cosine schedule."""
+    name, lr, params = config["optimizer"], config["lr"], list(model.parameters())
+    gpt = config["model"] == "gpt"
+    weight_decay = GPT_WEIGHT_DECAY if gpt and name not in ("sgd", "adam") else OPTIMIZERS[name][1]
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}] if gpt else params
+    adam = dict(lr=lr, weight_decay=weight_decay, **({"betas": GPT_BETAS} if gpt else {}))
+    scheduler = pruning = None
+    replicas = dist.group.WORLD if dist.is_initialized() and not config["fsdp"] else None  # DDP: checked
+    schedule = {key: config[key] for key in ("prune_start", "prune_end", "prune_every")}
+    if name == "sgd":  # Robbins & Monro 1951, with heavy-ball momentum (Polyak 1964)
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    elif name == "adam":  # Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization" (arXiv:1412.6980)
+        optimizer = torch.optim.Adam(groups, **adam)
+    elif name == "adamw":  # Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (1711.05101)
+        optimizer = torch.optim.AdamW(groups, **adam)
+    elif name == "adamwadv":  # AdamW + AMSGrad (Reddi et al. 2018, "On the Convergence of Adam and Beyond")
+        optimizer = torch.optim.AdamW(groups, **adam, amsgrad=True)
+    elif name == "adamwspam":
+        optimizer = AdamWSPAM(groups, **adam)
+    else:
+        optimizer = AdamWPrune(groups, **adam, sparsity=config["sparsity"], schedule=SCHEDULE,
+                               importance=config["importance"], check_replicas=replicas, **schedule)
+    if config["lr_schedule"] == "warmup-cosine":  # each scheduler is stepped once per optimizer step
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: warmup_cosine(t, total_steps))
+    elif config["lr_schedule"] == "cosine" or name == "adamwadv":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if config["pruning"] in ("magnitude", "movement"):
+        method = MagnitudePruning if config["pruning"] == "magnitude" else MovementPruning
+        pruning = method(params, config["sparsity"], check_replicas=replicas, **schedule)
+    return optimizer, scheduler, pruning
+
+
+def warmup_cosine(t, total_steps):
+    """nanoGPT's learning-rate factor at step t (from 0): linear warm-up, then a cosine to MIN_LR_FRACTION."""
+    if t < WARMUP_STEPS:
+        return (t + 1) / (WARMUP_STEPS + 1)
+    progress = min(1.0, (t - WARMUP_STEPS) / max(1, total_steps - WARMUP_STEPS))
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * (1 + math.cos(math.pi * progress)) / 2
+
+
 class TrainingState:
     """What changes while training, and so goes into a checkpoint."""
 
@@ -774,7 +771,8 @@ def write_results(state):
             else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
             "world_size": ranks, "backend": dist.get_backend() if ranks > 1 else None,
             "sharded": config["fsdp"]},
-        "final": {key: state.history[-1][key], "sparsity": prunable_sparsity(state.model), "peak_memory_bytes": report["peak_bytes"],
+        "final": {key: state.history[-1][key], "sparsity": prunable_sparsity(state.model),
+                  "peak_memory_bytes": report["peak_bytes"],
                   "peak_reserved_bytes": report["peak_reserved_bytes"],
                   "wall_seconds": state.wall_seconds},  # peak reserved: CUDA only (None on the CPU)
     }
@@ -838,7 +836,7 @@ def comparison_runs(config):
             row = {k: v for k, v in config.items() if k not in ("compare", "ablation", "plot", "sparsities")}
             runs.append((name, {**row, "optimizer": optimizer, "pruning": pruning, "sparsity": row_sparsity,
                                 "importance": importance or config["importance"],
-                                "lr": default_lr(config["model"], optimizer),
+                                "lr": OPTIMIZERS[optimizer][2 if config["model"] == "gpt" else 0],
                                 "out": out, "resume": False}))
     return runs
 
@@ -870,9 +868,10 @@ def compare(config):
             plot.write_comparison(out, config, rows, results["environment"], plot.metric_of(results))
     if rank_and_world()[0] > 0:
         return rows
-    paths, comparison = plot.render_svgs(out) if config["plot"] != "text" else [], plot.load_comparison(out)[0]
-    print(plot.text_report(out) if config["plot"] != "svg"  # the text plots end with the table
-          else "\n".join(plot.table_lines(comparison["rows"], plot.LABEL_COLUMNS, plot.metric_of(comparison))))
+    paths = plot.render_svgs(out) if config["plot"] != "text" else []
+    comparison = plot.load_comparison(out)[0]
+    table = plot.table_lines(comparison["rows"], plot.LABEL_COLUMNS, plot.metric_of(comparison))
+    print(plot.text_report(out) if config["plot"] != "svg" else "\n".join(table))  # text plots end with it
     print(f"comparison: {os.path.join(out, 'comparison.json')}, .csv and {len(paths)} SVG plots in {out}")
     return rows
 
@@ -916,10 +915,11 @@ def parse_args(argv=None, writes=True):
     add("--batch-size", type=COUNT, metavar="N", help="global batch size: images, or the GPT's windows of 64 "
         f"characters (default: {per_model(BATCH_SIZE)})")
     add("--lr", type=POSITIVE, metavar="LR", help="learning rate (default: per optimizer: "
-        + ", ".join(f"{name} {lr:g}" for name, (lr, _) in OPTIMIZERS.items()) + "; for the GPT: "
-        + ", ".join(f"{name} {lr:g}" for name, lr in GPT_LR.items()) + ")")
+        + ", ".join(f"{name} {lr:g}" for name, (lr, _, _) in OPTIMIZERS.items()) + "; for the GPT: "
+        + ", ".join(f"{name} {lr:g}" for name, (_, _, lr) in OPTIMIZERS.items()) + ")")
     add("--lr-schedule", choices=("constant", "cosine", "warmup-cosine"), help="learning rate over the run: "
-        "constant, cosine annealing to 0 at the last step, or nanoGPT's 100 warm-up steps and cosine to lr / 10; "
+        "constant, cosine annealing to 0 at the last step, or nanoGPT's 100 warm-up steps, then cosine to "
+        "lr / 10; "
         "adamwadv is cosine where constant is asked "
         f"(default: {per_model(DEFAULT_LR_SCHEDULE)})")
     add("--prune-start", type=int, metavar="STEP",
@@ -969,7 +969,7 @@ def parse_args(argv=None, writes=True):
         p.error(f"--model {args.model} does not take --dataset {args.dataset}: the GPT reads text "
                 f"({', '.join(TEXTS)}), the image models images ({', '.join(DATASETS)})")
     args.epochs = args.epochs or DEFAULT_EPOCHS[args.model]
-    args.lr = args.lr or default_lr(args.model, args.optimizer)
+    args.lr = args.lr or OPTIMIZERS[args.optimizer][2 if args.model == "gpt" else 0]
     args.lr_schedule = args.lr_schedule or DEFAULT_LR_SCHEDULE[args.model]
     if args.dry_run:
         args.epochs, args.limit = 1, min(args.limit or math.inf, DRY_RUN_BATCHES * args.batch_size)
@@ -1044,14 +1044,13 @@ def main(argv=None):
             if config["compare"]:
                 return compare(config)
             final = train(config)["final"]
-            reserved = final["peak_reserved_bytes"] and memory.format_bytes(final["peak_reserved_bytes"])
             key, label, _ = metric(config)
+            figure = f"{final[key]:.2f}%" if key == "test_accuracy" else f"{final[key]:.4f}"
+            reserved = final["peak_reserved_bytes"]
+            reserved = reserved and f" ({memory.format_bytes(reserved)} reserved)"
             print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: "
-                  f"{label.replace(' (%)', '')} {final[key]:.{2 if key == 'test_accuracy' else 4}f}"
-                  f"{'%' if key == 'test_accuracy' else ''}, sparsity {final['sparsity']:.1%}, "
-                  "peak memory "
-                  f"{memory.format_bytes(final['peak_memory_bytes'])}"
-                  f"{f' ({reserved} reserved)' if reserved else ''}"
+                  f"{label.split(' (')[0]} {figure}, sparsity {final['sparsity']:.1%}, peak memory "
+                  f"{memory.format_bytes(final['peak_memory_bytes'])}{reserved or ''}"
                   f"{' per rank' if rank_and_world()[1] > 1 else ''}, "
                   f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}"
                   + (f"; model.pruned.pt {final['pruned_file_bytes'] / final['dense_file_bytes']:.2f}x the "
