@@ -256,18 +256,20 @@ def pairings():
     import train
     rows = [(optimizer, pruning) for _, optimizer, pruning, _ in train.STUDY]
     return sorted(rows, key=lambda row: (row != ("adamw", "none"), row[0] == "adamwprune"))
-BATCH_SIZE = {"lenet5": 128, "resnet18": 32, "gpt-tiny": 12}  # small enough for a CPU, the same for every row
+BATCH_SIZE = {"lenet5": 128, "resnet18": 32, "gpt-tiny": 12, "gpt2": 1}  # small enough for a CPU; every row's
+ONE_AT_A_TIME = ("gpt2",)  # too large for all its rigs in memory at once: benchmark_alone
 
 
 class Rig:
     """One model with one optimizer/pruning pairing, brought to a phase of pruning, stepping on
     one fixed random batch."""
 
-    def __init__(self, model_name, optimizer, pruning, sparsity, device, prune_end=1, wrap=None):
+    def __init__(self, model_name, optimizer, pruning, sparsity, device, prune_end=1, wrap=None,
+                 batch_size=None, context=None):
         import train
         from models import GPT, GPT_SHAPES
-        gpt = GPT_SHAPES.get(model_name)  # train.py does not train the GPT yet: its flags come from lenet5's
-        config = train.parse_args(["--model", "lenet5" if gpt else model_name, "--optimizer", optimizer,
+        gpt = GPT_SHAPES.get(model_name)  # any GPT shape takes train.py's GPT recipe (groups, betas, clipping)
+        config = train.parse_args(["--model", "gpt" if gpt else model_name, "--optimizer", optimizer,
                                    "--pruning", pruning, "--sparsity", str(sparsity), "--device", str(device)],
                                   writes=False)
         # prune_end=1: straight to `sparsity` at the first step, the steady state after prune_end;
@@ -279,12 +281,13 @@ class Rig:
             wrap(self.model)
         self.optimizer, self.scheduler, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
         self.config, self.train_update = config, train.update
-        channels, side = train.DATASETS[config["dataset"]][1:3]
-        g, batch = torch.Generator().manual_seed(0), BATCH_SIZE[model_name]
-        if gpt:  # random tokens, a context each; the targets: the next tokens
-            tokens = torch.randint(0, gpt["vocab_size"], (batch, gpt["block_size"] + 1), generator=g).to(device)
+        g, batch = torch.Generator().manual_seed(0), batch_size or BATCH_SIZE[model_name]
+        if gpt:  # random tokens, a context each (at most the block size); the targets: the next tokens
+            length = (context or gpt["block_size"]) + 1
+            tokens = torch.randint(0, gpt["vocab_size"], (batch, length), generator=g).to(device)
             self.x, self.y = tokens[:, :-1], tokens[:, 1:]
         else:
+            channels, side = train.DATASETS[config["dataset"]][1:3]
             self.x = torch.randn(batch, channels, side, side, generator=g).to(device)
             self.y = torch.randint(0, 10, (batch,), generator=g).to(device)
         self.prunable = [p for p in self.model.parameters() if prunable(p, {})]  # AdamWPrune's rule
@@ -371,6 +374,7 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
         sparsity_reached = sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable)
         rows.append({"model": model_name, "optimizer": optimizer, "pruning": pruning, "phase": phase,
                      "sparsity": sparsity_reached, "state_bytes_per_prunable": state_bytes,
+                     "optimizer_state_bytes": optimizer_state_bytes(rig.optimizer),
                      "pruning_bytes_per_prunable": pruning_bytes, "peak_step_bytes": peak_bytes,
                      "peak_reserved_bytes": peak_reserved_bytes, "key": (optimizer, pruning, phase)})
         del rig
@@ -378,8 +382,9 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
     for kernel in ("fused", "foreach"):
         reference = Rig(model_name, "adamw", "none", 0.0, device)
         reference.optimizer = torch.optim.AdamW(reference.model.parameters(), **{kernel: True})
+        reference.scheduler = None
         reference.backward()
-        updates[kernel] = reference.optimizer.step
+        updates[kernel] = reference.update  # as a step of train.py does it: the GPT clips the gradients first
     for optimizer, pruning, phase, target in phases:
         rig = settled_rig(model_name, optimizer, pruning, target, device)
         rig.backward()  # gradients for the timed updates
@@ -393,6 +398,65 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
         if row["phase"] == "pruned":
             row["mask_update_fused_steps"] = mask_update_seconds(model_name, *key[:2], sparsity, device) / seconds["fused"]
     return rows
+
+
+def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), batch_size=None, context=None):
+    """benchmark()'s rows for a model too large to hold all its rigs at once (GPT-2 124M): one rig alive
+    at a time, AdamWPrune at each of `sparsities`, the baselines at the middle one. Each rig: step 1 prunes
+    to 61% of the target (cubic); step 2's update prunes to the target, timed once; step 3, a steady step, is
+    the tracked peak; its gradients are then stepped `repeats` times, interleaved with torch's fused AdamW
+    on the same tensors. The mask update is step 2's update less a steady one. A rig that does not fit in
+    memory is a row saying so."""
+    middle, rows = sparsities[len(sparsities) // 2], []
+    phases = [(optimizer, pruning, target) for optimizer, pruning in pairings()
+              for target in ((0.0,) if pruning == "none" else sparsities if optimizer == "adamwprune" else (middle,))]
+    for optimizer, pruning, target in phases:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        row = {"model": model_name, "optimizer": optimizer, "pruning": pruning,
+               "phase": "before" if pruning == "none" else "pruned"}
+        rig = None
+        try:
+            rig = Rig(model_name, optimizer, pruning, target, device, prune_end=2, batch_size=batch_size,
+                      context=context)
+            rig.train_step()
+            rig.backward()
+            pruning_update = median_seconds({"update": rig.update}, repeats=1, warmup=0)["update"]
+            peak_bytes, peak_reserved_bytes = rig.peak_step_bytes()
+            state_bytes, pruning_bytes = rig.bytes_per_prunable()
+            row.update(sparsity=sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable),
+                       state_bytes_per_prunable=state_bytes, pruning_bytes_per_prunable=pruning_bytes,
+                       optimizer_state_bytes=optimizer_state_bytes(rig.optimizer), peak_step_bytes=peak_bytes,
+                       peak_reserved_bytes=peak_reserved_bytes)
+            fused = torch.optim.AdamW(rig.model.parameters(), fused=True)  # the reference: on the rig's tensors
+            seconds = median_seconds({"fused": fused.step, "update": rig.update}, repeats, warmup=1)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in str(error):
+                raise
+            rows.append({**row, "error": f"does not fit in {device.type} memory ({str(error).splitlines()[0]})"})
+            continue
+        finally:
+            del rig  # one rig at a time
+        row.update(update_seconds=seconds["update"], vs_fused=seconds["update"] / seconds["fused"], vs_foreach=None)
+        if pruning != "none":
+            row["mask_update_fused_steps"] = (pruning_update - seconds["update"]) / seconds["fused"]
+        rows.append(row)
+    return rows
+
+
+def peak_summary(rows, sparsity=0.7):
+    """One line of a model's rows: the optimizer state's share of AdamW's step peak, and what AdamWPrune at
+    `sparsity` takes off the peak against AdamW and against AdamW + movement."""
+    by = {(r["optimizer"], r["pruning"], round(r.get("sparsity", -1), 2)): r for r in rows if "error" not in r}
+    adamw, movement = by.get(("adamw", "none", 0.0)), by.get(("adamw", "movement", sparsity))
+    ours = by.get(("adamwprune", "state", sparsity))
+    if not (adamw and movement and ours):
+        return f"{rows[0]['model']}: no summary (a row at {sparsity:.0%} is missing)"
+    off = lambda other: 1 - ours["peak_step_bytes"] / other["peak_step_bytes"]  # noqa: E731
+    return (f"{rows[0]['model']}: AdamW's state is {adamw['optimizer_state_bytes'] / adamw['peak_step_bytes']:.1%} "
+            f"of its step's peak; AdamWPrune at {sparsity:.0%}: peak {off(adamw):.1%} below AdamW's, "
+            f"{off(movement):.1%} below AdamW + movement's")
 
 
 def mask_update_seconds(model_name, optimizer, pruning, sparsity, device, repeats=3):
@@ -510,9 +574,13 @@ def measure_data_path(flags, steps=100, repeats=3):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Memory and update time of every optimizer/pruning pairing, against torch's AdamW")
-    parser.add_argument("--model", choices=["lenet5", "resnet18", "gpt-tiny", "all"], default="all",
-                        help="which model; gpt-tiny: models.GPT's gpt-tiny shape on random tokens, 12 x 64 "
-                        "(default: all: lenet5 and resnet18)")
+    parser.add_argument("--model", choices=["lenet5", "resnet18", "gpt-tiny", "gpt2", "all"], default="all",
+                        help="which model; gpt-tiny, gpt2: models.GPT's shapes on random tokens (12 x 64; GPT-2 "
+                        "124M at 1 x 1024, its rigs one at a time) (default: all: lenet5 and resnet18)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="a GPT's sequences per step "
+                        f"(default: {BATCH_SIZE['gpt-tiny']} for gpt-tiny, {BATCH_SIZE['gpt2']} for gpt2)")
+    parser.add_argument("--context", type=int, metavar="T",
+                        help="a GPT's tokens per sequence, at most its block size (default: the block size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", metavar="DEV",
                         help="device (default: cuda if available, else cpu)")
     parser.add_argument("--repeats", type=int, default=20, metavar="N",
@@ -524,6 +592,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    from models import GPT_SHAPES
+    block = GPT_SHAPES.get(args.model, {}).get("block_size")
+    if (args.batch_size or args.context) and not block:
+        parser.error("--batch-size and --context shape a GPT's batch: use --model gpt-tiny or gpt2")
+    if args.batch_size is not None and args.batch_size < 1 or args.context is not None and not 1 <= args.context <= block:
+        parser.error(f"--batch-size takes a whole number of at least 1, --context one from 1 to {block}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -556,7 +630,8 @@ def main(argv=None):
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {machine}. Bytes per prunable weight; peak: one training step "
           f"(batch {BATCH_SIZE['lenet5']} for lenet5, {BATCH_SIZE['resnet18']} for resnet18, "
-          f"{BATCH_SIZE['gpt-tiny']} x 64 tokens for gpt-tiny); update: "
+          f"{args.batch_size or BATCH_SIZE['gpt-tiny']} x {args.context or 64} tokens for gpt-tiny, "
+          f"{args.batch_size or BATCH_SIZE['gpt2']} x {args.context or 1024} for gpt2); update: "
           f"optimizer + pruning work after backward, median of {args.repeats}, against torch's AdamW "
           "(fused=True, and foreach=True) on the same gradients; mask update: the time one adds, in fused steps; "
           "reserved: on CUDA, the allocator's max_memory_reserved in that step, the rig alone on the device, its "
@@ -566,15 +641,23 @@ def main(argv=None):
               f"{'mask update':>11}")
     print(header)
     print("-" * len(header))
+    summaries = []
     for model_name in models:
-        for r in benchmark(model_name, device, args.repeats):
+        rows = (benchmark_alone(model_name, device, args.repeats, batch_size=args.batch_size, context=args.context)
+                if model_name in ONE_AT_A_TIME else benchmark(model_name, device, args.repeats))
+        for r in rows:
+            name = f"{r['model']:<9} {r['optimizer'] + ' + ' + r['pruning']:<22} {r['phase']:<7}"
+            if "error" in r:
+                print(f"{name} {r['error']}", flush=True)
+                continue
             mask_update = f"{r['mask_update_fused_steps']:>10.1f}x" if "mask_update_fused_steps" in r else ""
             reserved = f"{r['peak_reserved_bytes'] / 2**20:.2f}" if r["peak_reserved_bytes"] is not None else "-"
-            print(f"{r['model']:<9} {r['optimizer'] + ' + ' + r['pruning']:<22} {r['phase']:<7} "
-                  f"{r['sparsity']:>8.1%} {r['state_bytes_per_prunable']:>8.2f} {r['pruning_bytes_per_prunable']:>9.2f} "
-                  f"{r['peak_step_bytes'] / 2**20:>9.2f} {reserved:>9} {r['update_seconds'] * 1e3:>10.3f} "
-                  f"{r['vs_fused']:>8.2f}x "
-                  f"{r['vs_foreach']:>9.2f}x {mask_update:>11}", flush=True)
+            foreach = f"{r['vs_foreach']:>9.2f}x" if r["vs_foreach"] else f"{'-':>10}"  # gpt2: fused only
+            print(f"{name} {r['sparsity']:>8.1%} {r['state_bytes_per_prunable']:>8.2f} "
+                  f"{r['pruning_bytes_per_prunable']:>9.2f} {r['peak_step_bytes'] / 2**20:>9.2f} {reserved:>9} "
+                  f"{r['update_seconds'] * 1e3:>10.3f} {r['vs_fused']:>8.2f}x {foreach} {mask_update:>11}", flush=True)
+        summaries.append(peak_summary(rows))
+    print("\n".join(summaries))
 
 
 if __name__ == "__main__":

@@ -958,6 +958,63 @@ def test_the_gpt_tiny_rig_holds_the_bytes_per_prunable_weight_of_the_contract(op
         assert state * numel == pytest.approx(state_bytes * numel + 4 * len(rig.prunable))  # and the 0-d steps
     assert buffers == pruning_bytes
 
+
+REDUCED_GPT2 = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=512)  # gpt2's rows in seconds
+
+
+def test_the_gpt2_rows_one_rig_at_a_time_hold_the_contract_on_a_reduced_shape(monkeypatch, capsys):
+    monkeypatch.setitem(GPT_SHAPES, "gpt2", REDUCED_GPT2)
+    alive, real_rig = [], memory.Rig
+
+    def counted_rig(*args, **kwargs):  # a weak reference per rig: how many are alive when the next is made
+        import weakref
+        alive[:] = [r for r in alive if r() is not None]
+        assert not alive, "a rig was still alive when the next was made"
+        rig = real_rig(*args, **kwargs)
+        alive.append(weakref.ref(rig))
+        return rig
+    monkeypatch.setattr(memory, "Rig", counted_rig)
+    memory.main(["--model", "gpt2", "--repeats", "2", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    rows = {tuple(line.split()[1:4:2]) + (line.split()[5],): line.split() for line in out.splitlines()
+            if line.startswith("gpt2 ")}
+    # by hand, bytes per prunable weight: AdamW's m and v, 8; AMSGrad's third moment, 12; SGD's momentum, 4;
+    # AdamWPrune at sparsity s: at most an int32 index, m and v per kept weight, 12 (1 - s) (one global threshold
+    # prunes some tensors more than s: compact, they hold less; a tensor pruned below 1/3 keeps 8); plus the steps
+    prunable = 2 * (64 * 192 + 64 * 64 + 2 * 64 * 256) + 512 * 64 + 32 * 64
+    steps = 4 * 10 / prunable  # a float32 step for each of the 10 prunable tensors
+    expected = {("adamw", "none", "0.0%"): 8, ("adamw", "movement", "70.0%"): 8, ("adamwadv", "movement", "70.0%"): 12,
+                ("sgd", "movement", "70.0%"): 4, ("adamwprune", "state", "50.0%"): 6.0,
+                ("adamwprune", "state", "70.0%"): 3.6, ("adamwprune", "state", "90.0%"): 1.2}
+    for key, by_hand in expected.items():
+        state, by_hand = float(rows[key][6]), by_hand + (steps if key[0] != "sgd" else 0)
+        if key[0] == "adamwprune":
+            assert by_hand - 0.25 < state <= by_hand + 0.005, key
+        else:
+            assert state == pytest.approx(by_hand, abs=0.006), key
+    assert float(rows["adamw", "movement", "70.0%"][7]) == 5.0 and float(rows["adamwprune", "state", "70.0%"][7]) == 0
+    peak = {key: float(row[8]) for key, row in rows.items()}
+    assert peak["adamwprune", "state", "70.0%"] < peak["adamw", "none", "0.0%"] < peak["adamw", "movement", "70.0%"]
+    assert rows["adamwprune", "state", "70.0%"][-1].endswith("x")  # its mask update, in fused steps
+    assert "gpt2: AdamW's state is" in out and "below AdamW + movement's" in out
+
+
+def test_a_gpt2_rig_that_does_not_fit_is_a_line_not_a_crash(monkeypatch, capsys):
+    monkeypatch.setitem(GPT_SHAPES, "gpt2", REDUCED_GPT2)
+    real_rig = memory.Rig
+
+    def rig(model_name, optimizer, pruning, *args, **kwargs):
+        if optimizer == "adamwadv":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+        return real_rig(model_name, optimizer, pruning, *args, **kwargs)
+    monkeypatch.setattr(memory, "Rig", rig)
+    rows = memory.benchmark_alone("gpt2", torch.device("cpu"), repeats=1)
+    failed = [row for row in rows if "error" in row]
+    assert [(row["optimizer"], row["pruning"]) for row in failed] == [("adamwadv", "movement")]
+    assert failed[0]["error"].startswith("does not fit in cpu memory (DefaultCPUAllocator")
+    assert len(rows) == 10 and all("peak_step_bytes" in row for row in rows if row not in failed)
+
+
 def test_a_storage_shared_by_views_is_counted_once():
     t = torch.zeros(1000)
     assert memory.tensor_bytes([t, t.view(10, 100), t[500:], t.clone()]) == 2 * 4000
