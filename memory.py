@@ -265,12 +265,13 @@ class Rig:
     one fixed random batch."""
 
     def __init__(self, model_name, optimizer, pruning, sparsity, device, prune_end=1, wrap=None,
-                 batch_size=None, context=None):
+                 batch_size=None, context=None, amp="none"):
         import train
         from models import GPT, GPT_SHAPES
         gpt = GPT_SHAPES.get(model_name)  # any GPT shape takes train.py's GPT recipe (groups, betas, clipping)
         config = train.parse_args(["--model", "gpt" if gpt else model_name, "--optimizer", optimizer,
-                                   "--pruning", pruning, "--sparsity", str(sparsity), "--device", str(device)],
+                                   "--pruning", pruning, "--sparsity", str(sparsity), "--device", str(device),
+                                   "--amp", amp],
                                   writes=False)
         # prune_end=1: straight to `sparsity` at the first step, the steady state after prune_end;
         # prune_end=2: 61% at the first step (cubic), `sparsity` at the second, a late mask update
@@ -280,7 +281,7 @@ class Rig:
         if wrap:  # e.g. FSDP2's fully_shard, before the optimizer sees the parameters
             wrap(self.model)
         self.optimizer, self.scheduler, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
-        self.config, self.train_update = config, train.update
+        self.config, self.train_update, self.autocast = config, train.update, train.autocast
         g, batch = torch.Generator().manual_seed(0), batch_size or BATCH_SIZE[model_name]
         if gpt:  # random tokens, a context each (at most the block size); the targets: the next tokens
             length = (context or gpt["block_size"]) + 1
@@ -294,8 +295,9 @@ class Rig:
 
     def backward(self):
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(self.x)  # (B, classes), or (B, T, vocabulary) for the GPT
-        torch.nn.functional.cross_entropy(logits.flatten(0, -2), self.y.flatten()).backward()
+        with self.autocast(self.config):  # --amp bf16: CUDA's bf16 autocast, as train.py runs it
+            logits = self.model(self.x)  # (B, classes), or (B, T, vocabulary) for the GPT
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), self.y.flatten()).backward()
 
     def update(self):
         """What a training step of train.py does after backward (optimizer, schedule, pruning)."""
@@ -400,14 +402,15 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
     return rows
 
 
-def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), batch_size=None, context=None):
+def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), batch_size=None, context=None,
+                    amp="none"):
     """benchmark()'s rows for a model too large to hold all its rigs at once (GPT-2 124M): one rig alive
     at a time, AdamWPrune at each of `sparsities`, the baselines at the middle one. Each rig: step 1 prunes
     to 61% of the target (cubic); step 2's update prunes to the target, timed once; step 3, a steady step, is
     the tracked peak; its gradients are then stepped `repeats` times, interleaved with torch's fused AdamW
     on the same tensors. The mask update is step 2's update less a steady one. A rig that does not fit in
-    memory is a row saying so."""
-    middle, rows = sparsities[len(sparsities) // 2], []
+    memory is a row saying so. Yields each row when it is measured (a row takes a minute on a CPU)."""
+    middle = sparsities[len(sparsities) // 2]
     phases = [(optimizer, pruning, target) for optimizer, pruning in pairings()
               for target in ((0.0,) if pruning == "none" else sparsities if optimizer == "adamwprune" else (middle,))]
     for optimizer, pruning, target in phases:
@@ -419,7 +422,7 @@ def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), bat
         rig = None
         try:
             rig = Rig(model_name, optimizer, pruning, target, device, prune_end=2, batch_size=batch_size,
-                      context=context)
+                      context=context, amp=amp)
             rig.train_step()
             rig.backward()
             pruning_update = median_seconds({"update": rig.update}, repeats=1, warmup=0)["update"]
@@ -434,15 +437,14 @@ def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), bat
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in str(error):
                 raise
-            rows.append({**row, "error": f"does not fit in {device.type} memory ({str(error).splitlines()[0]})"})
+            yield {**row, "error": f"does not fit in {device.type} memory ({str(error).splitlines()[0]})"}
             continue
         finally:
             del rig  # one rig at a time
         row.update(update_seconds=seconds["update"], vs_fused=seconds["update"] / seconds["fused"], vs_foreach=None)
         if pruning != "none":
             row["mask_update_fused_steps"] = (pruning_update - seconds["update"]) / seconds["fused"]
-        rows.append(row)
-    return rows
+        yield row
 
 
 def peak_summary(rows, sparsity=0.7):
@@ -579,6 +581,8 @@ def main(argv=None):
                         "124M at 1 x 1024, its rigs one at a time) (default: all: lenet5 and resnet18)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="a GPT's sequences per step "
                         f"(default: {BATCH_SIZE['gpt-tiny']} for gpt-tiny, {BATCH_SIZE['gpt2']} for gpt2)")
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none",
+                        help="gpt2 on CUDA: bf16 autocast, as train.py --amp bf16 (default: none)")
     parser.add_argument("--context", type=int, metavar="T",
                         help="a GPT's tokens per sequence, at most its block size (default: the block size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", metavar="DEV",
@@ -596,6 +600,8 @@ def main(argv=None):
     block = GPT_SHAPES.get(args.model, {}).get("block_size")
     if (args.batch_size or args.context) and not block:
         parser.error("--batch-size and --context shape a GPT's batch: use --model gpt-tiny or gpt2")
+    if args.amp == "bf16" and (args.model != "gpt2" or not args.device.startswith("cuda")):
+        parser.error("--amp bf16 is for --model gpt2 on CUDA (--device cuda)")
     if args.batch_size is not None and args.batch_size < 1 or args.context is not None and not 1 <= args.context <= block:
         parser.error(f"--batch-size takes a whole number of at least 1, --context one from 1 to {block}")
     try:
@@ -643,9 +649,11 @@ def main(argv=None):
     print("-" * len(header))
     summaries = []
     for model_name in models:
-        rows = (benchmark_alone(model_name, device, args.repeats, batch_size=args.batch_size, context=args.context)
-                if model_name in ONE_AT_A_TIME else benchmark(model_name, device, args.repeats))
-        for r in rows:
+        rows = []
+        for r in (benchmark_alone(model_name, device, args.repeats, batch_size=args.batch_size,
+                                  context=args.context, amp=args.amp)
+                  if model_name in ONE_AT_A_TIME else benchmark(model_name, device, args.repeats)):
+            rows.append(r)
             name = f"{r['model']:<9} {r['optimizer'] + ' + ' + r['pruning']:<22} {r['phase']:<7}"
             if "error" in r:
                 print(f"{name} {r['error']}", flush=True)

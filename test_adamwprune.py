@@ -1008,7 +1008,7 @@ def test_a_gpt2_rig_that_does_not_fit_is_a_line_not_a_crash(monkeypatch, capsys)
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
         return real_rig(model_name, optimizer, pruning, *args, **kwargs)
     monkeypatch.setattr(memory, "Rig", rig)
-    rows = memory.benchmark_alone("gpt2", torch.device("cpu"), repeats=1)
+    rows = list(memory.benchmark_alone("gpt2", torch.device("cpu"), repeats=1))
     failed = [row for row in rows if "error" in row]
     assert [(row["optimizer"], row["pruning"]) for row in failed] == [("adamwadv", "movement")]
     assert failed[0]["error"].startswith("does not fit in cpu memory (DefaultCPUAllocator")

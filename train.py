@@ -901,8 +901,7 @@ def parse_args(argv=None, writes=True):
     add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
     add("--model", choices=tuple(DEFAULT_DATASET), default="lenet5", help="network (default: lenet5)")
     add("--dataset", choices=(*DATASETS, *TEXTS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
-    add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune",
-        help="optimizer (default: adamwprune)")
+    add("--optimizer", choices=tuple(OPTIMIZERS), default="adamwprune", help="(default: adamwprune)")
     add("--pruning", choices=PRUNINGS, help="pruning method, state being AdamWPrune's own "
         "(default: state for adamwprune, none otherwise)")
     add("--sparsity", type=SPARSITIES, metavar="S", help="final fraction of prunable weights (2+ dims) "
@@ -918,12 +917,10 @@ def parse_args(argv=None, writes=True):
         + ", ".join(f"{name} {lr:g}" for name, (lr, _, _) in OPTIMIZERS.items()) + "; for the GPT: "
         + ", ".join(f"{name} {lr:g}" for name, (_, _, lr) in OPTIMIZERS.items()) + ")")
     add("--lr-schedule", choices=("constant", "cosine", "warmup-cosine"), help="learning rate over the run: "
-        "constant, cosine annealing to 0 at the last step, or nanoGPT's 100 warm-up steps, then cosine to "
+        "constant, cosine annealing to 0 at the last step, or nanoGPT's 100 warm-up steps and cosine to "
         "lr / 10; "
-        "adamwadv is cosine where constant is asked "
-        f"(default: {per_model(DEFAULT_LR_SCHEDULE)})")
-    add("--prune-start", type=int, metavar="STEP",
-        help="optimizer step where pruning starts "
+        f"adamwadv is cosine where constant is asked (default: {per_model(DEFAULT_LR_SCHEDULE)})")
+    add("--prune-start", type=int, metavar="STEP", help="optimizer step where pruning starts "
         f"(default: {PRUNE_START_FRACTION * 100:.0f}%% of all steps)")
     add("--prune-end", type=int, metavar="STEP", help="optimizer step where the final sparsity is reached "
         f"(default: {PRUNE_END_FRACTION * 100:.0f}%% of all steps)")
@@ -932,8 +929,7 @@ def parse_args(argv=None, writes=True):
     add("--seed", type=int, default=1, metavar="S", help="random seed (default: 1)")
     add("--device", type=DEVICE, default="auto",
         help="cpu, cuda or cuda:N (default: auto: cuda if any, else cpu)")
-    add("--fsdp", action="store_true",
-        help="under torchrun: shard the model over the processes with FSDP2, not DDP")
+    add("--fsdp", action="store_true", help="under torchrun: shard the model over the processes with FSDP2")
     add("--amp", choices=("none", "bf16"), default="none",
         help="CUDA only: bf16 autocast, and channels_last for resnet18 (default: none)")
     add("--data-dir", default="./data", metavar="DIR",
