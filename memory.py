@@ -432,8 +432,9 @@ def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), bat
                        state_bytes_per_prunable=state_bytes, pruning_bytes_per_prunable=pruning_bytes,
                        optimizer_state_bytes=optimizer_state_bytes(rig.optimizer), peak_step_bytes=peak_bytes,
                        peak_reserved_bytes=peak_reserved_bytes)
-            fused = torch.optim.AdamW(rig.model.parameters(), fused=True)  # the reference: on the rig's tensors
-            seconds = median_seconds({"fused": fused.step, "update": rig.update}, repeats, warmup=1)
+            fused = torch.optim.AdamW(rig.model.parameters(), fused=True)  # the reference, on the rig's tensors
+            seconds = median_seconds({"fused": lambda: rig.train_update(rig.config, rig.model, fused, None, None),
+                                      "update": rig.update}, repeats, warmup=1)  # each as train.py steps (clipped)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "alloc" not in str(error):
                 raise

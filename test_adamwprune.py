@@ -2550,6 +2550,21 @@ def test_two_processes_prune_exactly_write_once_and_match_one_process(tiny_data,
     assert two["final"]["test_accuracy"] == pytest.approx(one["final"]["test_accuracy"], abs=0.5)  # < 2 images
 
 
+@needs_shakespeare
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_the_gpt_under_torchrun_prunes_exactly_and_counts_its_sparsity_once_per_weight(small_gpt, tmp_path, fsdp):
+    out = tmp_path / "two"
+    ranks = train_py_on_two_ranks(tmp_path, gpt_args(out, "--epochs", "2", *(["--fsdp"] if fsdp else [])))
+    assert [r["exit_code"] for r in ranks] == [0, 0]
+    prunable = 32 * 96 + 32 * 32 + 2 * 32 * 128 + 65 * 32 + 16 * 32  # SMALL_GPT's 2-D tensors, the tied one once
+    assert pruned_count([ranks[0]["zeros"][0], ranks[1]["zeros"][0]], fsdp) == round(0.5 * prunable)
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    exact = round(0.5 * prunable) / prunable  # FSDP2 gathers the root's own tensors (the embeddings) for an
+    assert results["final"]["sparsity"] == pytest.approx(exact)  # evaluation: counted once each all the same
+    assert results["history"][-1]["sparsity"] == pytest.approx(exact)  # past --prune-end
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_every_optimizer_and_pruning_method_of_a_comparison_runs_under_torchrun(tiny_data, tmp_path, fsdp):
     out = tmp_path / "comparison"

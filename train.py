@@ -430,6 +430,8 @@ def evaluate(model, data, config):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="sum")
         correct += (logits.argmax(-1) == y).sum()
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root's own parameters (the GPT's embeddings) gathered
+        model.reshard()  # after a forward with no backward: shards again, as everything else expects
     loss_sum, correct = over_ranks([loss_sum, correct], loss_sum.device)
     targets = len(data) * data.targets_per_row
     return loss_sum / targets, 100.0 * correct / targets
