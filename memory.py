@@ -277,7 +277,11 @@ class Rig:
         # prune_end=2: 61% at the first step (cubic), `sparsity` at the second, a late mask update
         config.update(prune_start=0 if prune_end > 1 else 1, prune_end=prune_end, prune_every=1)
         torch.manual_seed(0)
-        self.model = GPT(**gpt).to(device) if gpt else train.make_model(config, device)
+        if gpt:  # built on the device itself: GPT-2's 124M weights are drawn in seconds on a CPU, at once on a GPU
+            with torch.device(device):
+                self.model = GPT(**gpt)
+        else:
+            self.model = train.make_model(config, device)
         if wrap:  # e.g. FSDP2's fully_shard, before the optimizer sees the parameters
             wrap(self.model)
         self.optimizer, self.scheduler, self.pruning = train.make_optimizer(config, self.model, total_steps=10**6)
