@@ -1273,6 +1273,25 @@ def numbers(results):
     return config, history, final, results["sparsity_timeline"], memory
 
 
+def stop_after_the_first_checkpoint(monkeypatch):
+    """Ctrl-C right after train.py saved its first checkpoint."""
+    real_save = train.save_checkpoint
+
+    def save_then_stop(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+
+
+def run_until_the_first_checkpoint(monkeypatch, argv):
+    """train.main(argv), stopped right after its first checkpoint; train.save_checkpoint is itself again."""
+    real_save = train.save_checkpoint
+    stop_after_the_first_checkpoint(monkeypatch)
+    with pytest.raises(SystemExit):
+        train.main(argv)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+
+
 def cli_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(argv)
@@ -1426,20 +1445,7 @@ def test_resume_after_a_stop_ends_like_an_uninterrupted_run(tiny_data, tmp_path,
                                                             optimizer, pruning):
     flags = ("--optimizer", optimizer, "--pruning", pruning)
     uninterrupted = tiny_run(tiny_data, tmp_path / "whole", *flags)
-
-    class Stop(Exception):
-        pass
-
-    real_save = train.save_checkpoint
-
-    def save_then_stop(state, path):  # the process dies right after the first checkpoint
-        real_save(state, path)
-        raise Stop
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        train.main(tiny_args(tiny_data, tmp_path / "stopped", *flags))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    run_until_the_first_checkpoint(monkeypatch, tiny_args(tiny_data, tmp_path / "stopped", *flags))
     resumed = tiny_run(tiny_data, tmp_path / "stopped", *flags, "--resume")
     assert numbers(resumed) == numbers(uninterrupted)
 
@@ -1866,20 +1872,7 @@ def test_gpt_runs_prune_exactly_and_report_validation_loss(small_gpt, tmp_path, 
 @needs_shakespeare
 def test_a_gpt_run_resumed_after_a_stop_ends_like_an_uninterrupted_one(small_gpt, tmp_path, monkeypatch):
     uninterrupted = gpt_run(tmp_path / "whole")
-
-    class Stop(Exception):
-        pass
-
-    real_save = train.save_checkpoint
-
-    def save_then_stop(state, path):  # the process dies right after the first checkpoint
-        real_save(state, path)
-        raise Stop
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        train.main(gpt_args(tmp_path / "stopped"))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    run_until_the_first_checkpoint(monkeypatch, gpt_args(tmp_path / "stopped"))
     resumed = gpt_run(tmp_path / "stopped", "--resume")
     assert numbers(resumed) == numbers(uninterrupted)
 
@@ -2081,16 +2074,6 @@ def test_results_json_holds_null_where_a_number_is_not_finite():
     text = plot.finite_json({"loss": math.nan, "history": [{"a": math.inf, "b": -math.inf, "c": 1.5}]})
     assert json.loads(text) == {"loss": None, "history": [{"a": None, "b": None, "c": 1.5}]}
     json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
-
-
-def stop_after_the_first_checkpoint(monkeypatch):
-    """Ctrl-C right after train.py saved its first checkpoint."""
-    real_save = train.save_checkpoint
-
-    def save_then_stop(state, path):
-        real_save(state, path)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
 
 
 def test_a_moved_folder_resumes_by_its_new_name_with_a_trailing_slash_or_a_relative_path(tiny_data, tmp_path,
