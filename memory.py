@@ -607,7 +607,8 @@ def main(argv=None):
         parser.error("--batch-size and --context shape a GPT's batch: use --model gpt-tiny or gpt2")
     if args.amp == "bf16" and (args.model != "gpt2" or not args.device.startswith("cuda")):
         parser.error("--amp bf16 is for --model gpt2 on CUDA (--device cuda)")
-    if args.batch_size is not None and args.batch_size < 1 or args.context is not None and not 1 <= args.context <= block:
+    too_small = args.batch_size is not None and args.batch_size < 1
+    if too_small or args.context is not None and not 1 <= args.context <= block:
         parser.error(f"--batch-size takes a whole number of at least 1, --context one from 1 to {block}")
     try:
         device = torch.device(args.device)

@@ -999,6 +999,17 @@ def test_the_gpt2_rows_one_rig_at_a_time_hold_the_contract_on_a_reduced_shape(mo
     assert "gpt2: AdamW's state is" in out and "below AdamW + movement's" in out
 
 
+@pytest.mark.parametrize("flags, complaint", [
+    (["--model", "gpt2", "--batch-size", "0"], "--batch-size takes a whole number of at least 1"),
+    (["--model", "gpt-tiny", "--context", "65"], "--context one from 1 to 64"),
+    (["--batch-size", "2"], "--batch-size and --context shape a GPT's batch"),
+    (["--model", "gpt2", "--amp", "bf16", "--device", "cpu"], "--amp bf16 is for --model gpt2 on CUDA")])
+def test_memory_py_refuses_a_gpt_batch_it_cannot_measure(capsys, flags, complaint):
+    with pytest.raises(SystemExit) as exit_info:
+        memory.main(flags)
+    assert exit_info.value.code == 2 and complaint in capsys.readouterr().err
+
+
 def test_a_gpt2_rig_that_does_not_fit_is_a_line_not_a_crash(monkeypatch, capsys):
     monkeypatch.setitem(GPT_SHAPES, "gpt2", REDUCED_GPT2)
     real_rig = memory.Rig
