@@ -146,6 +146,11 @@ def metric_of(data):
     return data.get("metric") or ACCURACY
 
 
+def keys_of(keys, metric):
+    """The keys with METRIC spelled as the metric's own key."""
+    return [key.replace("METRIC", metric["key"]) for key in keys]
+
+
 def title_of(metric):
     return metric["label"].split(" (")[0].capitalize()  # "Validation loss"
 
@@ -200,8 +205,7 @@ def read_json(path, keys, fix):
             data = json.load(f)
     except (OSError, ValueError) as error:  # ValueError: not JSON (cut short, overwritten), or not UTF-8
         raise PlotInputError(f"{path} cannot be read as JSON ({error}): {fix}") from None
-    metric = metric_of(data) if isinstance(data, dict) else ACCURACY
-    keys = [key.replace("METRIC", metric["key"]) for key in keys]
+    keys = keys_of(keys, metric_of(data) if isinstance(data, dict) else ACCURACY)
     missing = [key for key in keys if lookup(data, key) is None]
     if missing:
         raise PlotInputError(f"{path} lacks {', '.join(missing)}: {fix}")
@@ -226,7 +230,7 @@ def load_comparison(results_dir):
         raise PlotInputError(f"{results_dir} has no comparison.json: {HOW_TO_MAKE.format(results_dir)}")
     comparison = read_json(path, ("rows",), remake)
     rows, metric = comparison["rows"], metric_of(comparison)
-    keys = [key.replace("METRIC", metric["key"]) for key in ROW_KEYS] + ["efficiency"] * metric["higher_is_better"]
+    keys = keys_of(ROW_KEYS, metric) + ["efficiency"] * metric["higher_is_better"]
     try:
         lacking = next((f"row {i} has no usable {key!r}" for i, row in enumerate(rows) for key in keys
                         if row.get(key) is None or row[key] in (math.inf, -math.inf) or row[key] != row[key]),

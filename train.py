@@ -465,7 +465,7 @@ def train(config):
         # 3) its line, its history, and a checkpoint
         state.wall_seconds += epoch_seconds
         state.epoch, sparsity = epoch, prunable_sparsity(state.model)
-        held_out = metric(config)[0].split("_")[0]  # "test", or the GPT's "val"
+        held_out = metric(config)["key"].split("_")[0]  # "test", or the GPT's "val"
         state.history.append({"epoch": epoch, "step": state.step, "train_loss": train_loss,
                               "train_accuracy": train_accuracy, f"{held_out}_loss": test_loss,
                               f"{held_out}_accuracy": test_accuracy, "sparsity": sparsity,
@@ -483,11 +483,11 @@ def train(config):
 
 
 def metric(config):
-    """The figure a run is judged by: (its key in results.json's history and final, label, higher is better).
-    The key names the held-out split: nanoGPT's "val" for the GPT, "test" for the image data sets."""
+    """The figure a run is judged by, as results.json names it: {key (in history and final), label,
+    higher_is_better}; the key names the held-out split: "test", or nanoGPT's "val" for the GPT."""
     if config["model"] == "gpt":
-        return "val_loss", "validation loss (nats per character)", False
-    return "test_accuracy", "test accuracy (%)", True
+        return {"key": "val_loss", "label": "validation loss (nats per character)", "higher_is_better": False}
+    return plot.ACCURACY
 
 
 # --- several processes: torchrun, DDP, FSDP2 ---
@@ -760,10 +760,10 @@ def write_results(state):
         largest = over_ranks([report[key] for key in keys], device, dist.ReduceOp.MAX)
         report.update(zip(keys, map(round, largest)),
                       per_rank=f"{', '.join(keys)}: the largest of {ranks} ranks; timeline: rank 0's")
-    key, label, higher_is_better = metric(config)
+    key = metric(config)["key"]
     results = {
         "config": config, "history": state.history, "sparsity_timeline": state.sparsity_timeline,
-        "metric": {"key": key, "label": label, "higher_is_better": higher_is_better}, "memory": report,
+        "metric": metric(config), "memory": report,
         "wall_seconds": state.wall_seconds,  # training and evaluation, summed over epochs (no data loading)
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__,
@@ -1042,12 +1042,14 @@ def main(argv=None):
             if config["compare"]:
                 return compare(config)
             final = train(config)["final"]
-            key, label, _ = metric(config)
+            judged_by = metric(config)
+            key = judged_by["key"]
             figure = f"{final[key]:.2f}%" if key == "test_accuracy" else f"{final[key]:.4f}"
             reserved = final["peak_reserved_bytes"]
             reserved = reserved and f" ({memory.format_bytes(reserved)} reserved)"
             print(f"{config['model']} {config['dataset']} {config['optimizer']}/{config['pruning']}: "
-                  f"{label.split(' (')[0]} {figure}, sparsity {final['sparsity']:.1%}, peak memory "
+                  f"{plot.title_of(judged_by).lower()} {figure}, sparsity {final['sparsity']:.1%}, "
+                  "peak memory "
                   f"{memory.format_bytes(final['peak_memory_bytes'])}{reserved or ''}"
                   f"{' per rank' if rank_and_world()[1] > 1 else ''}, "
                   f"{final['wall_seconds']:.1f} s -> {os.path.join(config['out'], 'results.json')}"
