@@ -136,7 +136,7 @@ def local(tensor):
 
 # --- the k lowest scores: a radix select ---
 BINS = 1 << 16  # a pass reads 16 bits of each key: the high half, then the low half
-OUTSIDE = BINS  # pass 2's bin for the keys outside the chosen bin of pass 1
+INSIDE = slice(1, BINS + 1)  # pass 2's slots of the chosen bin; slots 0 and BINS + 1 hold the keys outside it
 
 
 def ordered_key(bits):
@@ -194,15 +194,15 @@ def lowest_k(score_fns, k, device, unscored=0, group=None):
     below = int(at_or_below[high_bin - 1]) if high_bin else unscored
     high = high_bin - BINS // 2  # the high half of its key
     # 2) inside that bin, how many keys have each low half: a score's bits xor the bits of the bin's
-    #    first key give its key's low half there, and a number outside [0, BINS) elsewhere
+    #    first key give its key's low half there, and a number outside [0, BINS) elsewhere, which the
+    #    clamp sends to the slots outside
     first_bits = int(ordered_key(torch.tensor([high << 16], dtype=torch.int32)))
-    low_counts = torch.zeros(BINS + 1, dtype=torch.int64, device=device)
+    low_counts = torch.zeros(BINS + 2, dtype=torch.int64, device=device)
     for fn in score_fns:
-        low = scores(fn).view(torch.int32).bitwise_xor_(first_bits)
-        low.masked_fill_((low < 0).logical_or_(low >= BINS), OUTSIDE)
-        low_counts += torch.bincount(low, minlength=BINS + 1)
-        del low
-    low_counts = summed_over_ranks(low_counts)[:OUTSIDE]
+        slot = scores(fn).view(torch.int32).bitwise_xor_(first_bits).clamp_(-1, BINS).add_(1)
+        low_counts += torch.bincount(slot, minlength=BINS + 2)
+        del slot
+    low_counts = summed_over_ranks(low_counts)[INSIDE]
     at_or_below = low_counts.cumsum(0) + below
     low = int(torch.searchsorted(at_or_below, k))
     key = torch.tensor([(high << 16) | low], dtype=torch.int32)
