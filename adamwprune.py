@@ -11,52 +11,48 @@ arguments, loads its state_dict, and works on FSDP2-sharded parameters as they a
 
 Algorithm. A parameter counts its own steps n (AdamW's bias correction); a param group counts
 optimizer steps c (the pruning clock). w weight, g gradient, m = exp_avg, v = exp_avg_sq.
-    1. AdamW on every parameter that has a gradient, n <- n + 1:
+    1. AdamW on every parameter that has a gradient, n <- n + 1 (torch.optim.adamw.adamw does the
+       arithmetic, in its fused kernel where the device has one):
            w <- w * (1 - lr * weight_decay)
            m <- beta1 * m + (1 - beta1) * g
            v <- beta2 * v + (1 - beta2) * g * g          (amsgrad: v_max <- max(v_max, v))
            w <- w - lr * (m / (1 - beta1^n)) / (sqrt(v / (1 - beta2^n)) + eps)
-       The class gathers lists; torch's functional torch.optim.adamw.adamw does the arithmetic,
-       in its fused kernel where the device has one.
-    2. If sparsity > 0 and mask_update_due(c): prune_start <= c <= prune_end, on the prune_every
-       grid or at prune_end; for the prunable tensors (2 or more dimensions and trained, unless
-       the group sets `prune`):
+    2. If sparsity > 0 and mask_update_due(c) (prune_start <= c <= prune_end, on the prune_every
+       grid or at prune_end), over the prunable tensors (2+ dimensions and trained, or the group's
+       `prune`):
        a. k = min(round(s(c) * N), N - 1) of the N prunable weights, one always kept:
               cubic:  s(c) = sparsity * (1 - (1 - (c - prune_start) / (prune_end - prune_start))^3)
               linear: s(c) = sparsity * (c - prune_start) / (prune_end - prune_start)
-       b. score each weight from (w, m, v), higher = more important: variance |w| * v^(1/4)
-          (the default), magnitude |w|, hybrid |w * m| * |w| / (sqrt(v) + eps), momentum
-          |w| * sqrt(|m|). Pruned weights score -inf: a mask never un-prunes. A weight that never
-          had a gradient has m = v = 0: the state scores rank it lowest, magnitude by |w|.
-       c. find the k lowest scores of all tensors, ties by position (lowest_k: a radix select on
-          keys that sort as the scores do, 16 bits a pass; one tensor's scores exist at a time).
+       b. score each weight, higher = more important: variance |w| * v^(1/4) (the default),
+          magnitude |w|, hybrid |w * m| * |w| / (sqrt(v) + eps), momentum |w| * sqrt(|m|). Pruned
+          weights score -inf (a mask never un-prunes); one never trained has m = v = 0.
+       c. find the k lowest scores of all tensors, ties by position (lowest_k: a radix select,
+          16 bits of a key a pass; one tensor's scores exist at a time).
        d. prune: w <- 0, and the state takes the form below that is smaller.
 
-State of a prunable tensor, in one of two forms (this rank's shard; amsgrad adds v_max beside v):
+State of a prunable tensor (this rank's shard; amsgrad adds max_exp_avg_sq beside exp_avg_sq):
     dense     step, exp_avg, exp_avg_sq     shaped like the tensor; a pruned weight has w = 0, v = +inf,
                                             so its step m / (sqrt(v) + eps) is zero whatever m is
     compact   step, kept_index (int32), kept_exp_avg, kept_exp_avg_sq: 1-D, the kept weights only;
-              kept_index holds their positions in memory order (flat_view) in this rank's shard
+              kept_index: their positions in memory order (flat_view) in this rank's shard
     A tensor turns compact for good at the first mask update where compact_is_smaller (fp32: over
-    a third pruned, a quarter with amsgrad). Its step decays the whole tensor and runs AdamW on the
-    kept weights alone. Optimizer state per prunable fp32 weight: 8 B (m, v) as AdamW up to 1/3
-    pruned, then 12 (1 - s) B: 3.6 B at s = 0.7 (amsgrad 4.8 B, where AdamW keeps 12 B). Transient:
-    a mask update, the largest tensor's scores and gathered weights (8 B per element), two bool
-    masks over it and a few 512 KiB histograms; a step, 8 B per kept weight of compact tensors.
+    a third pruned, a quarter with amsgrad); its step decays the whole tensor and runs AdamW on the
+    kept weights alone. State per prunable fp32 weight: AdamW's 8 B up to a third pruned, then
+    12 (1 - s) B: 3.6 B at s = 0.7 (amsgrad 4.8 B, AdamW 12 B). Transient: a mask update, the
+    largest tensor's scores and gathered weights (8 B per element), two bool masks over it and
+    a few 512 KiB histograms; a step, 8 B per kept weight of the compact tensors.
 
-State dict: optimizer.state_dict() holds these forms, and load_state_dict takes them back (and
-torch.optim.AdamW's), refusing state whose shapes do not fit the parameters. torch.optim.AdamW
-finds no exp_avg in compact state and stops: adamw_state_dict() gives it the dense form.
+State dict: state_dict() holds these forms; load_state_dict takes them (and torch.optim.AdamW's),
+refusing state that does not fit the parameters. adamw_state_dict() is the dense form, for AdamW.
 
 Caveats
     - One threshold per param group: keep all prunable tensors in one group (the default) for a
       global ranking; a group with its own `sparsity` is pruned to that fraction by itself.
     - Masks index a tensor's memory: load pretrained weights before the first mask update, and
       keep layouts (e.g. channels_last) fixed after it.
-    - bf16/fp16: a compacted tensor adds its change rounded to the parameter's dtype, so kept
-      weights may differ from dense AdamW by one unit in the last place.
+    - bf16/fp16: a compact tensor adds its change rounded to its dtype (one ulp from AdamW's).
     - FSDP2 (fully_shard: Shard(0) on a 1-D mesh): each rank steps, scores and keeps state for
-      its own shard; each threshold pass sums its counts over the mesh's group, so a sharded run
+      its own shard; the threshold's counts are summed over the mesh's group, so a sharded run
       prunes the weights one process would. Every rank calls step(); save state_dict() per rank.
       DDP: check_replicas compares the ranks' thresholds.
     - Not supported: sparse gradients, complex or meta parameters, capturable, differentiable.
