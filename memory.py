@@ -410,10 +410,11 @@ def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), bat
                     amp="none"):
     """benchmark()'s rows for a model too large to hold all its rigs at once (GPT-2 124M): one rig alive
     at a time, AdamWPrune at each of `sparsities`, the baselines at the middle one. Each rig: step 1 prunes
-    to 61% of the target (cubic); step 2's update prunes to the target, timed once; step 3, a steady step, is
-    the tracked peak; its gradients are then stepped `repeats` times, interleaved with torch's fused AdamW
-    on the same tensors. The mask update is step 2's update less a steady one. A rig that does not fit in
-    memory is a row saying so. Yields each row when it is measured (a row takes a minute on a CPU)."""
+    to 61% of the target (cubic); step 2's update, on step 1's gradients, prunes to the target, timed once;
+    step 3, a steady step, is the tracked peak; its gradients are then stepped `repeats` times, interleaved
+    with torch's fused AdamW on the same tensors. The mask update is step 2's update less a steady one. A
+    rig that does not fit in memory is a row saying so. Yields each row when it is measured (under a minute
+    on a CPU)."""
     middle = sparsities[len(sparsities) // 2]
     phases = [(optimizer, pruning, target) for optimizer, pruning in pairings()
               for target in ((0.0,) if pruning == "none" else sparsities if optimizer == "adamwprune" else (middle,))]
@@ -427,8 +428,7 @@ def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), bat
         try:
             rig = Rig(model_name, optimizer, pruning, target, device, prune_end=2, batch_size=batch_size,
                       context=context, amp=amp)
-            rig.train_step()
-            rig.backward()
+            rig.train_step()  # step 2 steps step 1's gradients again: a backward pass less per rig
             pruning_update = median_seconds({"update": rig.update}, repeats=1, warmup=0)["update"]
             peak_bytes, peak_reserved_bytes = rig.peak_step_bytes()
             state_bytes, pruning_bytes = rig.bytes_per_prunable()
