@@ -337,6 +337,17 @@ class Rig:
         return tracker.peak_bytes, None
 
 
+def memory_figures(rig):
+    """A benchmark row's memory columns for a rig: the sparsity reached, state and pruning bytes per
+    prunable weight, the optimizer state in bytes, and the peak of its next training step."""
+    peak_bytes, peak_reserved_bytes = rig.peak_step_bytes()
+    state_bytes, pruning_bytes = rig.bytes_per_prunable()
+    return {"sparsity": sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable),
+            "state_bytes_per_prunable": state_bytes, "pruning_bytes_per_prunable": pruning_bytes,
+            "optimizer_state_bytes": optimizer_state_bytes(rig.optimizer), "peak_step_bytes": peak_bytes,
+            "peak_reserved_bytes": peak_reserved_bytes}
+
+
 def median_seconds(actions, repeats, warmup=2):
     """Median seconds of each action, run in a new random order every round so that changes in
     machine load fall on all of them alike."""
@@ -375,14 +386,8 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
             gc.collect()
             torch.cuda.empty_cache()  # the last rig's blocks go back: the reserved peak is this rig's
         rig = settled_rig(model_name, optimizer, pruning, target, device)
-        state_bytes, pruning_bytes = rig.bytes_per_prunable()
-        peak_bytes, peak_reserved_bytes = rig.peak_step_bytes()
-        sparsity_reached = sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable)
         rows.append({"model": model_name, "optimizer": optimizer, "pruning": pruning, "phase": phase,
-                     "sparsity": sparsity_reached, "state_bytes_per_prunable": state_bytes,
-                     "optimizer_state_bytes": optimizer_state_bytes(rig.optimizer),
-                     "pruning_bytes_per_prunable": pruning_bytes, "peak_step_bytes": peak_bytes,
-                     "peak_reserved_bytes": peak_reserved_bytes, "key": (optimizer, pruning, phase)})
+                     **memory_figures(rig), "key": (optimizer, pruning, phase)})
         del rig
     updates = {}  # 2) time, every rig on the device at once, stepping in turn
     for kernel in ("fused", "foreach"):
@@ -406,8 +411,8 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
     return rows
 
 
-def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), batch_size=None, context=None,
-                    amp="none"):
+def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), batch_size=None,
+                    context=None, amp="none"):
     """benchmark()'s rows for a model too large to hold all its rigs at once (GPT-2 124M): one rig alive
     at a time, AdamWPrune at each of `sparsities`, the baselines at the middle one. Each rig: step 1 prunes
     to 61% of the target (cubic); step 2's update, on step 1's gradients, prunes to the target, timed once;
@@ -430,12 +435,7 @@ def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), bat
                       context=context, amp=amp)
             rig.train_step()  # step 2 steps step 1's gradients again: a backward pass less per rig
             pruning_update = median_seconds({"update": rig.update}, repeats=1, warmup=0)["update"]
-            peak_bytes, peak_reserved_bytes = rig.peak_step_bytes()
-            state_bytes, pruning_bytes = rig.bytes_per_prunable()
-            row.update(sparsity=sum(int((p == 0).sum()) for p in rig.prunable) / sum(p.numel() for p in rig.prunable),
-                       state_bytes_per_prunable=state_bytes, pruning_bytes_per_prunable=pruning_bytes,
-                       optimizer_state_bytes=optimizer_state_bytes(rig.optimizer), peak_step_bytes=peak_bytes,
-                       peak_reserved_bytes=peak_reserved_bytes)
+            row.update(memory_figures(rig))  # its peak: step 3
             fused = torch.optim.AdamW(rig.model.parameters(), fused=True)  # the reference, on the rig's tensors
             seconds = median_seconds({"fused": lambda: rig.train_update(rig.config, rig.model, fused, None, None),
                                       "update": rig.update}, repeats, warmup=1)  # each as train.py steps (clipped)
