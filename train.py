@@ -14,11 +14,11 @@ Train LeNet-5, ResNet-18 or a GPT while pruning, with AdamWPrune or a baseline o
 
 Every run writes DIR/results.json (config, per-epoch history, sparsity and memory timelines, versions,
 "final"; accuracies in percent; the GPT's in validation loss), DIR/checkpoint.pt after each epoch
-(torchrun --fsdp: process N's
-checkpoint.rankN.pt) and, when it prunes, DIR/model.pruned.pt: the pruned weights, compacted
-(adamwprune.compact_state_dict). The data set lives on the device as uint8 tensors (text: as tokens);
-batches are gathered and augmented (ResNet-18, CIFAR-10) there. The GPT's "epoch" is an evaluation
-interval: 250 optimizer steps on random windows of the text; its default 8 epochs are nanoGPT's 2,000 steps.
+(torchrun --fsdp: process N's checkpoint.rankN.pt) and, when it prunes, DIR/model.pruned.pt: the pruned
+weights, compacted (adamwprune.compact_state_dict). The data set lives on the device as uint8 tensors
+(text: as tokens); batches are gathered and augmented (ResNet-18, CIFAR-10) there. The GPT's "epoch" is
+an evaluation interval: 250 optimizer steps on random windows of the text; its default 8 epochs are
+nanoGPT's 2,000 steps.
 """
 import argparse
 import collections
@@ -530,8 +530,7 @@ def over_ranks(numbers, device, op=dist.ReduceOp.SUM):
 
 
 # --- the data sets on disk: IDX files, torchvision's downloads, the text ---
-IDX_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") 
-             for kind in ("images-idx3", "labels-idx1")]
+IDX_FILES = [f"{s}-{kind}-ubyte" for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
 
 
 def read_idx(path):
