@@ -1010,6 +1010,25 @@ def test_memory_py_refuses_a_gpt_batch_it_cannot_measure(capsys, flags, complain
     assert exit_info.value.code == 2 and complaint in capsys.readouterr().err
 
 
+def test_the_benchmark_rows_of_lenet5_hold_the_contract_before_and_after_pruning():
+    rows = {(r["optimizer"], r["pruning"], r["phase"]): r for r in memory.benchmark("lenet5", torch.device("cpu"), 1)}
+    weights = [p for p in LeNet5(1, 10, 28).parameters() if p.dim() >= 2]  # conv and linear
+    steps = 4 * len(weights) / sum(p.numel() for p in weights)  # a float32 step count per tensor
+    # by hand, bytes per prunable weight: Adam's m and v 8, AMSGrad's 12, SGD's momentum 4 (no step count);
+    # pruning buffers: movement's score and mask 5, magnitude's mask 1; AdamWPrune at 70%: at most 12 * 0.3
+    for (optimizer, pruning, phase), row in rows.items():
+        moments = {"sgd": 4, "adamwadv": 12}.get(optimizer, 8) + (steps if optimizer != "sgd" else 0)
+        if optimizer == "adamwprune" and phase == "pruned":
+            assert 3.6 + steps - 0.25 < row["state_bytes_per_prunable"] <= 3.6 + steps + 0.005
+        else:
+            assert row["state_bytes_per_prunable"] == pytest.approx(moments, abs=0.006), (optimizer, phase)
+        assert row["pruning_bytes_per_prunable"] == {"movement": 5, "magnitude": 1}.get(pruning, 0)
+        assert (row["sparsity"] == pytest.approx(0.7, abs=0.001)) == (phase == "pruned")
+        assert ("mask_update_fused_steps" in row) == (phase == "pruned") and row["vs_fused"] > 0
+    peak = {key: row["peak_step_bytes"] for key, row in rows.items()}
+    assert peak["adamwprune", "state", "pruned"] < peak["adamw", "none", "before"] < peak["adamw", "movement", "pruned"]
+
+
 def test_a_gpt2_rig_that_does_not_fit_is_a_line_not_a_crash(monkeypatch, capsys):
     monkeypatch.setitem(GPT_SHAPES, "gpt2", REDUCED_GPT2)
     real_rig = memory.Rig
