@@ -2669,6 +2669,16 @@ def test_flags_that_do_not_fit_the_processes_stop_at_the_command_line(capsys, mo
     monkeypatch.setenv("WORLD_SIZE", world_size)  # as torchrun sets it
     assert complaint in cli_error(capsys, flags)
 
+
+def test_under_torchrun_only_rank_0_prints_a_command_line_error_and_every_rank_exits_with_2(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, says in [("0", True), ("1", False)]:
+        monkeypatch.setenv("RANK", rank)
+        assert ("--batch-size is the global batch" in cli_error(capsys, ["--batch-size", "63"])) == says
+        with pytest.raises(SystemExit):
+            train.parse_args(["--help"])
+        assert ("--sparsity S" in capsys.readouterr().out) == says
+
 # === plot.py ===
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -895,10 +895,28 @@ SPARSITIES = checked(lambda text: [float(s) for s in text.split(",")], lambda ss
 DEVICE = checked(str, lambda text: text == "auto" or torch.device(text), "takes auto, cpu, cuda or cuda:N")
 
 
+class CommandLine(argparse.ArgumentParser):
+    """Under torchrun every process reads the command line; only rank 0 prints help or an error."""
+
+    def print_usage(self, file=None):
+        if rank_and_world()[0] == 0:
+            super().print_usage(file)
+
+    def print_help(self, file=None):
+        if rank_and_world()[0] == 0:
+            super().print_help(file)
+
+    def exit(self, status=0, message=None):
+        if status and rank_and_world()[0] != 0:
+            time.sleep(1)  # torchrun stops every process once one fails: rank 0, which says why, goes first
+            message = None
+        super().exit(status, message)
+
+
 def parse_args(argv=None, writes=True):
     """The command line as a config dict, every default resolved; bad input stops here. writes=False: for
     callers that write nothing to --out (memory.py's benchmarks), a run already there is no reason to stop."""
-    p = argparse.ArgumentParser(description="Train while pruning: AdamWPrune against baselines.")
+    p = CommandLine(description="Train while pruning: AdamWPrune against baselines.")
     add, per_model = p.add_argument, lambda defaults: ", ".join(f"{v} for {k}" for k, v in defaults.items())
     add("--model", choices=tuple(DEFAULT_DATASET), default="lenet5", help="network (default: lenet5)")
     add("--dataset", choices=(*DATASETS, *TEXTS), help=f"data set (default: {per_model(DEFAULT_DATASET)})")
