@@ -359,6 +359,9 @@ class AdamWPrune(torch.optim.Optimizer):
                                     "model (model.to_empty(device=...), then initialise it) first"))
         self._pick_kernel(self.param_groups[-1])
 
+    def __getstate__(self):  # copy.deepcopy and pickle: torch's Optimizer keeps defaults, state and groups
+        return {**super().__getstate__(), "check_replicas": self.check_replicas}
+
     def __setstate__(self, state):
         # load_state_dict comes here: group keys a state_dict lacks (torch.optim.AdamW's, an older
         # AdamWPrune's) take the defaults, and the clock the steps taken so far

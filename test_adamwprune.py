@@ -692,6 +692,24 @@ def test_an_older_adamwprune_compact_state_with_exp_avg_keys_loads_and_resumes()
     for a, b in zip(model.parameters(), expected_model.parameters()):
         assert torch.equal(a, b)
 
+
+def test_a_deep_copy_mid_pruning_takes_its_next_mask_updates_as_the_original_does():
+    # copy.deepcopy and pickle go through the optimizer's __getstate__, which torch's Optimizer
+    # limits to defaults, state and param groups: the copy must keep the rest (check_replicas)
+    model, opt = make_pruning_run()
+    for t in range(10):
+        random_grads(model.parameters(), t)
+        opt.step()
+    twin_model, twin = copy.deepcopy((model, opt))
+    assert twin.param_groups[0]["params"][0] is twin_model[0].weight and twin.check_replicas is None
+    for t in range(10, 25):  # mask updates at steps 10, 13, ..., 22
+        for m, o in ((model, opt), (twin_model, twin)):
+            random_grads(m.parameters(), t)
+            o.step()
+    assert opt.sparsity()[0] == pytest.approx(0.8, abs=0.01)
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+
 # --- 9. devices, dtypes, layouts ---
 
 
