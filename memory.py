@@ -13,6 +13,7 @@ What is measured, and how:
 """
 import argparse
 import contextlib
+import copy
 import gc
 import io
 import os
@@ -389,13 +390,8 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
         rows.append({"model": model_name, "optimizer": optimizer, "pruning": pruning, "phase": phase,
                      **memory_figures(rig), "key": (optimizer, pruning, phase)})
         del rig
-    updates = {}  # 2) time, every rig on the device at once, stepping in turn
-    for kernel in ("fused", "foreach"):
-        reference = Rig(model_name, "adamw", "none", 0.0, device)
-        reference.optimizer = torch.optim.AdamW(reference.model.parameters(), **{kernel: True})
-        reference.scheduler = None
-        reference.backward()
-        updates[kernel] = reference.update  # as a step of train.py does it: the GPT clips the gradients first
+    # 2) time, every rig on the device at once, stepping in turn
+    updates = {kernel: adamw_update(model_name, device, kernel) for kernel in ("fused", "foreach")}
     for optimizer, pruning, phase, target in phases:
         rig = settled_rig(model_name, optimizer, pruning, target, device)
         rig.backward()  # gradients for the timed updates
@@ -407,8 +403,19 @@ def benchmark(model_name, device, repeats, sparsity=0.7):
         row["vs_fused"] = seconds[key] / seconds["fused"]
         row["vs_foreach"] = seconds[key] / seconds["foreach"]
         if row["phase"] == "pruned":
-            row["mask_update_fused_steps"] = mask_update_seconds(model_name, *key[:2], sparsity, device) / seconds["fused"]
+            row["mask_update_fused_steps"] = mask_update_fused_steps(model_name, *key[:2], sparsity, device,
+                                                                     repeats, updates["fused"])
     return rows
+
+
+def adamw_update(model_name, device, kernel="fused"):
+    """The update after backward of torch's AdamW (fused=True or foreach=True) on a model's gradients, as a
+    step of train.py makes it (the GPT clips the gradients first): the speed reference."""
+    reference = Rig(model_name, "adamw", "none", 0.0, device)
+    reference.optimizer = torch.optim.AdamW(reference.model.parameters(), **{kernel: True})
+    reference.scheduler = None
+    reference.backward()
+    return reference.update
 
 
 def benchmark_alone(model_name, device, repeats, sparsities=(0.5, 0.7, 0.9), batch_size=None,
@@ -466,19 +473,22 @@ def peak_summary(rows, sparsity=0.7):
             f"{off(movement):.1%} below AdamW + movement's")
 
 
-def mask_update_seconds(model_name, optimizer, pruning, sparsity, device, repeats=3):
-    """What a late mask update (61% to `sparsity`, on pruned and compacted state) adds to the
-    update after backward: the median over fresh rigs of that update less the next one."""
-    extra = []
-    for _ in range(repeats):
-        rig = Rig(model_name, optimizer, pruning, sparsity, device, prune_end=2)
-        rig.train_step()  # step 1: 61%
-        times = []
-        for _ in range(2):  # step 2 prunes to `sparsity`; step 3 only steps
-            rig.backward()
-            times.append(median_seconds({"update": rig.update}, repeats=1, warmup=0)["update"])
-        extra.append(times[0] - times[1])
-    return statistics.median(extra)
+def mask_update_fused_steps(model_name, optimizer, pruning, sparsity, device, repeats, fused_update):
+    """What a late mask update (61% to `sparsity`, on pruned and compacted state) adds to the update
+    after backward, in fused AdamW steps timed beside it. Each round a copy of one rig at 61% takes
+    the update that prunes to `sparsity`, then a steady one on the same gradients, and fused_update()
+    runs once; the median over the rounds (one more first, to warm up) of the difference / fused step."""
+    rig = Rig(model_name, optimizer, pruning, sparsity, device, prune_end=2)
+    rig.train_step()  # step 1: 61%
+    rig.backward()  # the gradients of every copy's steps 2 and 3
+    once = lambda action: median_seconds({"once": action}, repeats=1, warmup=0)["once"]  # noqa: E731
+    ratios = []
+    for _ in range(1 + repeats):
+        twin = copy.deepcopy(rig)  # model, optimizer and pruning state together
+        pruning_update = once(twin.update)  # step 2: prunes to `sparsity`
+        steady_update = once(twin.update)  # step 3
+        ratios.append((pruning_update - steady_update) / once(fused_update))
+    return statistics.median(ratios[1:])
 
 
 def sharded_state_bytes(model_name, device, sparsity=0.7):
