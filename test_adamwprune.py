@@ -649,13 +649,18 @@ def test_adamw_state_dict_steps_in_adamw_as_adamwprune_steps_once_pruning_ended(
     assert zeros_fraction(prunable(ours)[:1]) == pytest.approx(0.25, abs=0.01)  # dense, v = +inf
 
 
-def test_adamw_state_dict_without_the_pruned_gives_them_zero_moments_and_adamw_trains_them():
-    layer, opt = pruned_layer((10, 10), 0.7)
-    kept = opt.kept_mask(layer.weight)
+@pytest.mark.parametrize("sparsity, form", [(0.7, "compact"), (0.3, "dense")])  # compact past a third pruned
+def test_adamw_state_dict_without_the_pruned_gives_them_zero_moments_and_adamw_trains_them(sparsity, form):
+    layer, opt = pruned_layer((10, 10), sparsity)
+    state, kept = opt.state[layer.weight], opt.kept_mask(layer.weight)
+    assert ("kept_index" in state) == (form == "compact")
+    kept_m, kept_v = ((state["kept_exp_avg"], state["kept_exp_avg_sq"]) if form == "compact" else
+                      (state["exp_avg"][kept], state["exp_avg_sq"][kept]))
+    pruned = round(100 * sparsity)
     dense = opt.adamw_state_dict(keep_pruned=False)["state"][0]
-    assert torch.equal(dense["exp_avg"][~kept], torch.zeros(70)) and torch.equal(dense["exp_avg_sq"][~kept],
-                                                                                   torch.zeros(70))
-    assert torch.equal(dense["exp_avg"][kept], opt.state[layer.weight]["kept_exp_avg"])
+    assert torch.equal(dense["exp_avg"][~kept], torch.zeros(pruned)) and torch.equal(
+        dense["exp_avg_sq"][~kept], torch.zeros(pruned))
+    assert torch.equal(dense["exp_avg"][kept], kept_m) and torch.equal(dense["exp_avg_sq"][kept], kept_v)
     adamw = torch.optim.AdamW(layer.parameters())  # takes lr 1e-3 and the rest from the state_dict
     adamw.load_state_dict(opt.adamw_state_dict(keep_pruned=False))
     random_grads(layer.parameters(), 1)
@@ -761,7 +766,7 @@ def test_channels_last_conv_weights_prune_like_contiguous_ones_whatever_the_grad
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(lr=-1e-3), "lr"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(betas=(1.0, 0.999)), "betas[0]"), (dict(betas=(0.9, -0.1)), "betas[1]"),
+    (dict(betas=(1.0, 0.999)), "betas[0]"), (dict(betas=(0.9, -0.1)), "betas[1]"), (dict(betas=(0.9,)), "betas"),
     (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
     (dict(prune_start=100, prune_end=10), "prune_end"), (dict(prune_every=0), "prune_every"),
     (dict(importance="random"), "importance"), (dict(schedule="exponential"), "schedule"),
@@ -863,6 +868,30 @@ def test_the_file_holds_the_kept_values_and_one_bit_per_weight(values_dtype, val
     assert compact_bytes < (0.36 if value_bytes == 4 else 0.2) * dense_bytes
 
 
+def test_a_tensor_kept_under_one_in_32_is_stored_as_int32_positions_and_loads_back_bit_identical():
+    weight = torch.zeros(100, 100)
+    where = torch.randperm(10**4, generator=torch.Generator().manual_seed(0))[:200]  # 2% kept
+    weight.view(-1)[where] = torch.randn(200, generator=torch.Generator().manual_seed(1))
+    loaded, compact_bytes = saved_and_loaded(compact_state_dict({"w": weight}))
+    entry = loaded["w"]
+    assert "bitmask" not in entry and entry["indices"].dtype == torch.int32  # 800 B of positions, not 1,250
+    assert torch.equal(entry["indices"].long(), where.sort().values)
+    assert torch.equal(dense_state_dict(loaded)["w"], weight)
+    assert 200 * (4 + 4) <= compact_bytes <= 200 * (4 + 4) + 2048  # values and positions, + the file's own
+
+
+def test_memory_py_pruned_model_reports_lenet5s_file_sizes_within_their_hand_bounds():
+    size, csr = memory.pruned_model_report("lenet5", repeats=1)  # the README's table: memory.py --pruned-model
+    dense_kib, fp32, bf16 = (float(x) for x in re.search(
+        r"dense state_dict ([\d.]+) KiB; compact file: fp32 values [\d.]+ KiB \(([\d.]+)x\), "
+        r"bf16 values [\d.]+ KiB \(([\d.]+)x\)", size).groups())
+    assert 61706 * 4 / 1024 < dense_kib < 61706 * 4 / 1024 + 8  # 61,706 floats, and the file's own bytes
+    # the kept 30% of the values and a bit per weight: 0.3 + 1/32 of the dense bytes (bf16: 0.15 + 1/32)
+    assert 0.33 < fp32 < 0.40 and 0.18 < bf16 < 0.25
+    dense_ms, csr_ms = (float(x) for x in re.search(r"dense with zeros ([\d.]+) ms, CSR ([\d.]+) ms", csr).groups())
+    assert dense_ms > 0 and csr_ms > 0
+
+
 def test_damaged_compact_entries_and_non_tensors_get_a_clear_error():
     model, _, _ = pruned_by_adamwprune(steps=10)
     compact = compact_state_dict(model)
@@ -875,6 +904,7 @@ def test_damaged_compact_entries_and_non_tensors_get_a_clear_error():
         dense_state_dict(fewer_values)
     with pytest.raises(TypeError, match="'step' is a int, not a tensor"):
         compact_state_dict({**model.state_dict(), "step": 3})
+
 
 # --- 12. copyable alone ---
 
@@ -2159,6 +2189,16 @@ def test_images_and_labels_files_of_different_lengths_stop_with_one_line(tiny_da
                        f"{TINY_TRAIN}: re-copy them")  # was: IndexError
 
 
+def test_fewer_training_images_than_the_data_set_has_stop_with_one_line_naming_the_limit(tiny_data, tmp_path,
+                                                                                        capsys):
+    argv = tiny_args(tiny_data, tmp_path / "run")
+    del argv[argv.index("--limit"):argv.index("--limit") + 2]  # MNIST's schedule is laid out for 60,000
+    message = one_line_exit(capsys, lambda: train.main(argv))
+    assert message == (f"error: mnist in {tiny_data} has {TINY_TRAIN} training images, not 60000: replace the "
+                       f"files, or pass --limit {TINY_TRAIN}")
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
 @pytest.mark.parametrize("device, complaint", [("foo", "--device foo: not a device; use cpu, cuda or cuda:N"),
                                                ("meta", "--device meta: the benchmark measures cpu or cuda only")])
 def test_memory_py_refuses_a_device_it_cannot_measure_with_one_line(capsys, device, complaint):
@@ -2430,6 +2470,22 @@ def test_fsdp2_prunes_exactly_the_weights_one_process_prunes_with_state_split_ov
     one_process_bytes = ranks[0]["reference_bytes"]
     assert sum(r["state_bytes"] for r in ranks) <= one_process_bytes + 2 * 4 * 6  # + a step per shard
     assert all(r["state_bytes"] < 0.6 * one_process_bytes for r in ranks)
+
+
+def _memory_py_fsdp_figures(rank, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them: train.wrapped shards only then
+    per_rank, one_process, prunable = memory.sharded_state_bytes("lenet5", torch.device("cpu"))
+    if rank == 0:
+        torch.save({"per_rank": per_rank, "one_process": one_process, "prunable": prunable}, out / "figures.pt")
+
+
+def test_memory_py_fsdp_splits_lenet5s_state_over_the_ranks_as_one_process_holds_it(tmp_path):
+    on_two_ranks(_memory_py_fsdp_figures, tmp_path)  # the README's FSDP2 table: memory.py --fsdp
+    figures = torch.load(tmp_path / "figures.pt")
+    per_rank, one_process = figures["per_rank"], figures["one_process"]
+    assert figures["prunable"] == 61706 - (6 + 16 + 120 + 84 + 10)  # LeNet-5's weights less its biases
+    assert sum(per_rank) == one_process + 4 * 10  # the same state, and a 4-byte step per tensor on each rank
+    assert all(0.4 < bytes_ / one_process < 0.6 for bytes_ in per_rank)
 
 
 def _ties_cross_ranks_in_row_order(rank):
