@@ -1416,6 +1416,28 @@ def test_fashion_mnist_is_found_in_the_debian_package_dir(tmp_path):
     assert sorted(labels_train.unique().tolist()) == list(range(10)) and len(labels_test) == 10000
 
 
+@pytest.mark.parametrize("name, stored", [("cifar10", (5, 32, 32, 3)), ("mnist", (5, 28, 28))])
+def test_a_torchvision_download_becomes_uint8_images_channels_first(tmp_path, monkeypatch, name, stored):
+    import torchvision
+    made = []
+
+    class Downloaded:  # as torchvision's classes keep them: CIFAR-10 (N, H, W, C) arrays, MNIST (N, H, W) tensors
+        def __init__(self, root, train, download):
+            made.append((root, train, download))
+            seeded = torch.Generator().manual_seed(int(train))
+            self.data = torch.randint(0, 256, stored, dtype=torch.uint8, generator=seeded)
+            self.targets = list(range(5))
+
+    monkeypatch.setattr(torchvision.datasets, train.DATASETS[name].torchvision, Downloaded)
+    images_train, labels_train, images_test, _ = train.load_dataset(name, str(tmp_path))
+    assert made == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
+    for images, seed in ((images_train, 1), (images_test, 0)):
+        data = torch.randint(0, 256, stored, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        by_hand = data.permute(0, 3, 1, 2) if len(stored) == 4 else data[:, None]  # (N, C, H, W)
+        assert images.dtype == torch.uint8 and torch.equal(images, by_hand)
+    assert labels_train.tolist() == list(range(5))
+
+
 def test_missing_data_exits_with_one_message_saying_what_to_do(tmp_path, monkeypatch, capsys):
     def offline(name, data_dir):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got:\n"
