@@ -336,6 +336,7 @@ def test_mask_updates_are_due_on_the_grid_from_prune_start_and_at_prune_end():
     assert [c for c in range(40) if mask_update_due(c, group)] == [10, 14, 18, 22, 25]
     assert not any(mask_update_due(c, {**group, "sparsity": 0.0}) for c in range(40))
 
+
 def test_pruned_weights_rank_below_kept_weights_that_score_zero():
     """Pruned weights score -inf, not 0: kept weights whose m = v = 0 (no gradient yet) score exactly 0."""
     layer = nn.Linear(10, 10, bias=False)
@@ -545,6 +546,7 @@ def test_a_tensor_is_compacted_exactly_when_compact_state_is_smaller(dtype, amsg
         compact_bytes = kept * (4 + moments * layer.weight.element_size())
         assert ("kept_index" in opt.state[layer.weight]) == (compact_bytes < dense_bytes), sparsity
         assert state_bytes(opt, [layer.weight]) == min(dense_bytes, compact_bytes) + 4  # + `step`
+
 
 def test_the_break_even_of_the_two_forms_by_hand():
     from adamwprune import compact_is_smaller
@@ -982,7 +984,6 @@ def test_bytes_per_prunable_weight_on_lenet5_are_those_of_each_method(optimizer,
     low, high = state_bytes
     assert low <= state - step_bytes / LENET5_PRUNABLE <= high + 12 / LENET5_PRUNABLE  # 12 B: one weight of rounding
     assert buffers == pruning_bytes
-
 
 
 @pytest.mark.parametrize("optimizer, pruning, state_bytes, pruning_bytes", [
